@@ -1,0 +1,75 @@
+# isovisor — set-up, tests and demos. `make demo` and `make test` install what is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Debian packages the project needs: assembler for test guests, QEMU as the conformance
+# reference and benchmark peer, acpica for ACPI table checks, swtpm for the TPM,
+# busybox-static for initramfs, lz4 for extracting the stock kernel.
+APT_PACKAGES := nasm qemu-system-x86 acpica-tools swtpm swtpm-tools busybox-static lz4 \
+                python3-venv
+
+GUEST_SRCS := $(wildcard guests/*.asm)
+GUEST_ELFS := $(patsubst guests/%.asm,guests/build/%.elf,$(GUEST_SRCS))
+
+.PHONY: setup system-deps venv guests demo test test-slow lint bench guest-linux clean help
+
+help:
+	@echo "make demo        install what is missing, boot the hello guest"
+	@echo "make test        install what is missing, run the test suite"
+	@echo "make test-slow   stock Linux boots under this host's emulation (minutes)"
+	@echo "make lint        ruff + mypy (strict on kvm, memory, devices, security)"
+	@echo "make bench       exit-rate benchmark against QEMU, writes bench/RESULTS.md"
+	@echo "make guest-linux fetch and cache Debian's cloud kernel (apt-get download)"
+
+setup: system-deps venv guests
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+guests/build/%.elf: guests/%.asm guests/include/*.inc
+	@mkdir -p guests/build
+	nasm -f elf32 -I guests/include/ -o guests/build/$*.o $<
+	ld -m elf_i386 -T guests/guest.ld -o $@ guests/build/$*.o
+	@rm -f guests/build/$*.o
+
+guests: system-deps $(GUEST_ELFS)
+
+demo: setup
+	$(VENV)/bin/isovisor run --kernel guests/build/hello.elf
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow --timeout 1800
+
+lint: setup
+	$(VENV)/bin/ruff check isovisor tests bench
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/exits.py
+
+guest-linux: system-deps venv
+	$(PY) -m isovisor.tools.guest_linux
+
+clean:
+	rm -rf guests/build $(VENV) .pytest_cache .mypy_cache
