@@ -21,6 +21,7 @@ class KvmIoctlError(KvmError):
         self.ioctl_name = ioctl_name
         self.errno = err
         name = errno.errorcode.get(err, str(err))
+        self.errno_name = name
         msg = f"{ioctl_name} failed: {name} ({os.strerror(err)})"
         if detail:
             msg += f": {detail}"

@@ -76,7 +76,12 @@ class Kvm:
         except OSError as exc:
             raise KvmUnavailableError(f"{path} cannot be opened: {exc.strerror}") from None
         try:
-            version = ioctl(self.fd, c.KVM_GET_API_VERSION)
+            try:
+                version = ioctl(self.fd, c.KVM_GET_API_VERSION)
+            except KvmIoctlError as exc:
+                raise KvmUnavailableError(
+                    f"{path} is not a KVM device (KVM_GET_API_VERSION: {exc.errno_name})"
+                ) from None
             if version != c.KVM_API_VERSION:
                 raise KvmUnavailableError(
                     f"{path} speaks KVM API {version}, isovisor needs {c.KVM_API_VERSION}"

@@ -17,10 +17,10 @@ class VcpuFd:
 
     def __init__(self, fd: int, mmap_size: int) -> None:
         self.fd = fd
-        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run_page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # SAFETY: the kvm_run page is mapped for the lifetime of this object; the structure
         # view covers sizeof(kvm_run) <= mmap_size bytes; it is dropped before unmapping.
-        self.run: s.kvm_run | None = s.kvm_run.from_buffer(self._map)
+        self.run: s.kvm_run | None = s.kvm_run.from_buffer(self._run_page)
 
     @property
     def kvm_run(self) -> s.kvm_run:
@@ -29,15 +29,15 @@ class VcpuFd:
 
     def io_data(self, offset: int, length: int) -> memoryview:
         """The PIO data area inside the kvm_run mapping (checked against the mapping)."""
-        if offset < 0 or length < 0 or offset + length > len(self._map):
+        if offset < 0 or length < 0 or offset + length > len(self._run_page):
             raise ValueError(f"PIO data at {offset}+{length} lies outside the kvm_run page")
-        return memoryview(self._map)[offset : offset + length]
+        return memoryview(self._run_page)[offset : offset + length]
 
     def close(self) -> None:
         self.run = None
-        if not self._map.closed:
+        if not self._run_page.closed:
             try:
-                self._map.close()
+                self._run_page.close()
             except BufferError:
                 pass  # a view is still exported; unmapped when the last one goes
         if self.fd >= 0:
