@@ -111,7 +111,9 @@ class Bus:
             return b"\xff" * size
         if len(data) != size:
             self.stats.device_faults += 1
-            log.error("%s: %s returned %d bytes for a %d-byte read", self.name, r.name, len(data), size)
+            log.error(
+                "%s: %s returned %d bytes for a %d-byte read", self.name, r.name, len(data), size
+            )
             return (bytes(data) + b"\xff" * size)[:size]
         return data
 
@@ -124,7 +126,9 @@ class Bus:
             r.device.write(addr - r.base, data)
         except Exception:
             self.stats.device_faults += 1
-            log.exception("%s: %s faulted on a %d-byte write at %#x", self.name, r.name, len(data), addr)
+            log.exception(
+                "%s: %s faulted on a %d-byte write at %#x", self.name, r.name, len(data), addr
+            )
 
 
 PIO_LIMIT = 0x1_0000

@@ -52,7 +52,7 @@ def cpuid_to_struct(entries: list[CpuidEntry]) -> ctypes.Structure:
 def cpuid_from_struct(buf: ctypes.Structure) -> list[CpuidEntry]:
     return [
         CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-        for e in buf.entries[: buf.nent]  # type: ignore[attr-defined]
+        for e in buf.entries[: buf.nent]
     ]
 
 
@@ -122,7 +122,7 @@ class Kvm:
         n = 64
         while True:
             buf = cpuid_to_struct([CpuidEntry(0, 0, 0, 0, 0, 0, 0)] * n)
-            buf.nent = n  # type: ignore[attr-defined]
+            buf.nent = n
             try:
                 ioctl(self.fd, c.KVM_GET_SUPPORTED_CPUID, buf)
             except KvmIoctlError as exc:

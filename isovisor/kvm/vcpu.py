@@ -111,7 +111,7 @@ class VcpuFd:
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         buf = self._msrs([(i, 0) for i in indices])
         n = ioctl(self.fd, c.KVM_GET_MSRS, buf)
-        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}  # type: ignore[attr-defined]
+        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
 
     def get_mp_state(self) -> int:
         st = s.kvm_mp_state()

@@ -109,7 +109,8 @@ class GuestMemory:
     def register(self, vm: MemorySlotSink, first_slot: int = 0) -> None:
         """Register each RAM region as a KVM memory slot."""
         for i, r in enumerate(self.regions):
-            vm.set_user_memory_region(first_slot + i, r.guest_addr, r.size, self._host_base + r.offset)
+            host_addr = self._host_base + r.offset
+            vm.set_user_memory_region(first_slot + i, r.guest_addr, r.size, host_addr)
 
     # --- checks ----------------------------------------------------------------------
 

@@ -141,7 +141,8 @@ class Vcpu:
             self._loop()
         except Exception as exc:  # a VMM bug: contain it, stop the VM, report
             log.exception("vCPU %d: VMM fault", self.index)
-            self._on_stop(StopEvent(StopReason.VMM_ERROR, self.index, f"{type(exc).__name__}: {exc}"))
+            detail = f"{type(exc).__name__}: {exc}"
+            self._on_stop(StopEvent(StopReason.VMM_ERROR, self.index, detail))
         finally:
             with self._cond:
                 self._state = VcpuState.STOPPED

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from isovisor.kvm import structs as s
+from isovisor.kvm import structs as abi
 from isovisor.memory import GuestMemory
 from isovisor.memory.layout import (
     BOOT_GDT_ADDR,
@@ -65,8 +65,8 @@ class Descriptor:
             | (((self.base >> 24) & 0xFF) << 56)
         )
 
-    def segment(self, selector: int) -> s.kvm_segment:
-        seg = s.kvm_segment()
+    def segment(self, selector: int) -> abi.kvm_segment:
+        seg = abi.kvm_segment()
         seg.base = self.base
         seg.limit = (self.limit << 12) | 0xFFF if self.g else self.limit
         seg.selector = selector
@@ -102,7 +102,7 @@ def write_identity_page_tables(mem: GuestMemory) -> None:
         mem.write_all(pd, entries)
 
 
-def _base_sregs(sregs: s.kvm_sregs, code: Descriptor, code_sel: int) -> None:
+def _base_sregs(sregs: abi.kvm_sregs, code: Descriptor, code_sel: int) -> None:
     sregs.cs = code.segment(code_sel)
     data = DATA.segment(SEL_DATA)
     sregs.ds = data
@@ -117,14 +117,14 @@ def _base_sregs(sregs: s.kvm_sregs, code: Descriptor, code_sel: int) -> None:
     sregs.idt.limit = 0
 
 
-def pvh_sregs(sregs: s.kvm_sregs) -> None:
+def pvh_sregs(sregs: abi.kvm_sregs) -> None:
     _base_sregs(sregs, CODE32, SEL_CODE32)
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET
     sregs.cr4 = 0
     sregs.efer = 0
 
 
-def long_mode_sregs(sregs: s.kvm_sregs) -> None:
+def long_mode_sregs(sregs: abi.kvm_sregs) -> None:
     _base_sregs(sregs, CODE64, SEL_CODE64)
     sregs.cr3 = PML4_ADDR
     sregs.cr4 = X86_CR4_PAE
@@ -132,8 +132,8 @@ def long_mode_sregs(sregs: s.kvm_sregs) -> None:
     sregs.efer = EFER_LME | EFER_LMA
 
 
-def entry_regs(entry: int, boot_struct: int, protocol: str) -> s.kvm_regs:
-    regs = s.kvm_regs()
+def entry_regs(entry: int, boot_struct: int, protocol: str) -> abi.kvm_regs:
+    regs = abi.kvm_regs()
     regs.rip = entry
     regs.rflags = RFLAGS_RESERVED
     if protocol == "pvh":

@@ -44,7 +44,8 @@ def test_layout_and_ioctl_numbers_match_kernel_headers(tmp_path: Path) -> None:
     src.write_text(C_PROGRAM)
     exe = tmp_path / "abi"
     subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
-    sizes, numbers = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    sizes, numbers = out.splitlines()
     assert [int(x) for x in sizes.split()] == [
         ctypes.sizeof(s.kvm_regs), ctypes.sizeof(s.kvm_sregs), ctypes.sizeof(s.kvm_fpu),
         ctypes.sizeof(s.kvm_vcpu_events), ctypes.sizeof(s.kvm_pit_state2),

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isovisor.memory import GuestMemory, GuestMemoryClosedError, GuestMemoryError
-from isovisor.memory.layout import GiB, MiB, MMIO_HOLE_END, MMIO_HOLE_START
+from isovisor.memory.layout import MMIO_HOLE_END, MMIO_HOLE_START, GiB, MiB
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,7 +114,9 @@ def test_mapping_is_not_mergeable_nor_dumped(mem: GuestMemory) -> None:
     mem.write_all(0, b"\1")  # make the VMA show up populated
     smaps = Path("/proc/self/smaps").read_text()
     block = next(
-        b for b in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", smaps) if "isovisor-guest-ram" in b.split("\n")[0]
+        b
+        for b in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", smaps)
+        if "isovisor-guest-ram" in b.split("\n")[0]
     )
     flags = re.search(r"VmFlags:(.*)", block)
     assert flags is not None
@@ -170,7 +172,7 @@ def test_check_range_never_admits_outside_ram(addr: int, length: int) -> None:
         off = m.check_range(addr, length)
     except GuestMemoryError:
         return
-    assert 0 <= addr and addr + length <= m.size
+    assert addr >= 0 and addr + length <= m.size
     assert off == addr and 0 <= off + length <= m.size
 
 
