@@ -1,0 +1,1 @@
+"""Developer tools: fetch Debian's stock kernel for guests, build a test initramfs."""
