@@ -139,11 +139,12 @@ class Machine:
         if boot.protocol == "linux64":
             x86_setup.write_identity_page_tables(vm.mem)
         supported = self.kvm.supported_cpuid()
-        msrs = boot_msrs(set(self.kvm.msr_index_list()))
+        msrs = boot_msrs()
         for i, fd in enumerate(vm.vcpu_fds):
             fd.set_cpuid2(build_cpuid(supported, i, vm.vcpu_count, set(self.probe.unemulable)))
-            if msrs:
-                fd.set_msrs(msrs)
+            for index, value in msrs:
+                if fd.set_msrs([(index, value)]) != 1:
+                    log.info("vCPU %d: KVM refused MSR %#x; left at its reset value", i, index)
             if i != 0:
                 continue  # APs wait for INIT/SIPI in the in-kernel local APIC
             sregs = fd.get_sregs()

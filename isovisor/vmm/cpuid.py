@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from isovisor.kvm import CpuidEntry
+from isovisor.kvm.structs import KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 from isovisor.vmm.cpu_features import FEATURES, with_dependents
 
 HYPERVISOR_BIT = 1 << 31  # leaf 1 ECX
@@ -27,7 +28,6 @@ def build_cpuid(
 ) -> list[CpuidEntry]:
     """The CPUID table for one vCPU (APIC id = vcpu_index, one core per vCPU, no SMT)."""
     apic_id = vcpu_index
-    core_bits = _bits_for(vcpu_count)
     hidden = with_dependents(masked)
     out: list[CpuidEntry] = []
     for e in supported:
@@ -45,12 +45,9 @@ def build_cpuid(
             eax = (e.eax & 0x3FFF) | ((vcpu_count - 1) << 26) | (sharing << 14)
             e = replace(e, eax=eax if e.eax & 0x1F else e.eax)
         elif f in (0xB, 0x1F):
-            if i == 0:  # SMT level: one thread per core
-                e = replace(e, eax=0, ebx=1, ecx=(1 << 8) | i, edx=apic_id)
-            elif i == 1:  # core level
-                e = replace(e, eax=core_bits, ebx=vcpu_count, ecx=(2 << 8) | i, edx=apic_id)
-            else:
-                e = replace(e, eax=0, ebx=0, ecx=i, edx=apic_id)
+            if i == 0:
+                out.extend(_extended_topology(f, apic_id, vcpu_count))
+            continue  # KVM reports subleaf 0 only; we emit every level ourselves
         elif f == 6:
             e = replace(e, eax=e.eax & ~(1 << 4))  # no HWP: the guest cannot drive host P-states
         elif f == 0x8000_0001 and vcpu_count == 1:
@@ -64,6 +61,17 @@ def build_cpuid(
             e = replace(e, eax=0, ebx=0, ecx=0, edx=0)
         out.append(e)
     return out
+
+
+def _extended_topology(leaf: int, apic_id: int, vcpu_count: int) -> list[CpuidEntry]:
+    """Leaf 0xB/0x1F: SMT level (one thread per core), core level, then the end marker."""
+    flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    core_bits = _bits_for(vcpu_count)
+    return [
+        CpuidEntry(leaf, 0, flags, eax=0, ebx=1, ecx=(1 << 8) | 0, edx=apic_id),
+        CpuidEntry(leaf, 1, flags, eax=core_bits, ebx=vcpu_count, ecx=(2 << 8) | 1, edx=apic_id),
+        CpuidEntry(leaf, 2, flags, eax=0, ebx=0, ecx=2, edx=apic_id),
+    ]
 
 
 def visible_bit(entries: list[CpuidEntry], name: str) -> bool:

@@ -19,9 +19,13 @@ MTRR_ENABLE = 1 << 11
 MTRR_TYPE_WRBACK = 6
 
 
-def boot_msrs(known: set[int]) -> list[tuple[int, int]]:
-    """The architectural reset state a firmware would leave, with write-back memory."""
-    wanted = [
+def boot_msrs() -> list[tuple[int, int]]:
+    """The architectural reset state a firmware would leave, with write-back memory.
+
+    Not every MSR KVM emulates is in KVM_GET_MSR_INDEX_LIST (the MTRRs are not), so the
+    caller sets each one and reports those KVM refuses.
+    """
+    return [
         (MSR_IA32_SYSENTER_CS, 0),
         (MSR_IA32_SYSENTER_ESP, 0),
         (MSR_IA32_SYSENTER_EIP, 0),
@@ -34,4 +38,3 @@ def boot_msrs(known: set[int]) -> list[tuple[int, int]]:
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRBACK),
     ]
-    return [(index, value) for index, value in wanted if index in known]
