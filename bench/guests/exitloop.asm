@@ -1,0 +1,524 @@
+; exitloop.asm - a PVH guest that measures a VMM's exit round trip (bench/exits.py).
+;
+; Self-contained (no includes): assemble with `nasm -f elf32`, link with
+; `ld -m elf_i386 -T bench/guests/exitloop.ld` (loaded at 1 MiB, PVH note in a PT_NOTE).
+;
+; Command line (hvm_start_info.cmdline_paddr), space-separated tokens, all optional:
+;   mode=pio|mmio   pio: `in al, dx` from an unclaimed port; mmio: a 4-byte read from an
+;                   unmapped guest-physical address in the 32-bit MMIO hole (default pio)
+;   n=<count>       round trips to perform (default 20000; 0 is allowed)
+;   port=<num>      the port for mode=pio   (default 0x0700)
+;   addr=<num>      the address for mode=mmio (default 0xD8000000)
+; Numbers are decimal or 0x-prefixed hex.
+;
+; Output on COM1 (0x3F8), each line ending CR LF:
+;   exitloop: mode=pio n=20000 target=0x00000700
+;   exitloop: start
+;   exitloop: done last=0x000000ff
+; `last` is the value the final read returned (0xff / 0xffffffff / 0 depending on how the
+; VMM answers an unclaimed access). Errors print `exitloop: error <what>` instead of start.
+; Then the guest resets: i8042 (out 0x64, 0xFE); if that returns (QEMU microvm has no
+; i8042) it triple-faults through a zero-limit IDT with ud2 (on this host's PVM an int3
+; through an empty IDT is an emulation failure that hangs QEMU; ud2 faults properly).
+;
+; Why these targets: in QEMU microvm (-nodefaults, isa-serial=on) the claimed ports are
+; COM1 0x3F8-0x3FF, RTC 0x70-0x71, fw_cfg 0x510-0x51B (so not the 0x510 one might guess),
+; plus the in-kernel PIC (0x20, 0xA0, 0x4D0), PIT (0x40-0x43, 0x61) that never reach
+; userspace; port 0x80 is special-cased by some hosts. Port 0x700 is claimed by nobody
+; and exits to userspace in both VMMs. For MMIO, microvm maps RAM below 0xC0000000 (here
+; 64 MiB), ACPI GED at 0xFEA00000, virtio-mmio at 0xFEB00000+, IOAPIC/LAPIC at
+; 0xFEC00000/0xFEE00000; isovisor puts virtio-mmio at 0xD0000000+ (4 KiB each).
+; 0xD8000000 is unmapped in both, so every read is a KVM_EXIT_MMIO to the VMM.
+;
+; The guest's kernel-mode code is interpreted on a PVM host (~1 us per instruction),
+; so the measured loop is three instructions: the access, dec, jnz.
+
+bits 32
+
+XEN_ELFNOTE_PHYS32_ENTRY equ 18
+HVM_START_MAGIC          equ 0x336ec578
+SI_MAGIC                 equ 0
+SI_CMDLINE_PADDR         equ 24
+
+COM1        equ 0x3F8
+UART_LSR    equ 5
+LSR_THRE    equ 0x20
+TX_POLLS    equ 1000
+
+DEFAULT_N    equ 20000
+DEFAULT_PORT equ 0x0700
+DEFAULT_ADDR equ 0xD8000000
+CMDLINE_MAX  equ 1024               ; bytes of the command line looked at
+
+MODE_PIO    equ 0
+MODE_MMIO   equ 1
+
+; ---------------------------------------------------------------------------
+section .note.Xen note alloc noexec nowrite align=4
+    dd 4                            ; namesz: "Xen\0"
+    dd 4                            ; descsz: one 32-bit address
+    dd XEN_ELFNOTE_PHYS32_ENTRY     ; type 18
+    db "Xen", 0
+    dd pvh_entry
+
+; ---------------------------------------------------------------------------
+section .rodata
+align 8
+gdt:
+    dq 0
+    dq 0x00CF9A000000FFFF           ; 0x08: flat 32-bit code, ring 0
+    dq 0x00CF92000000FFFF           ; 0x10: flat 32-bit data, ring 0
+gdt_end:
+gdt_desc:
+    dw gdt_end - gdt - 1
+    dd gdt
+empty_idt_desc:
+    dw 0
+    dd 0
+
+key_mode:   db "mode=", 0
+key_n:      db "n=", 0
+key_port:   db "port=", 0
+key_addr:   db "addr=", 0
+val_pio:    db "pio", 0
+val_mmio:   db "mmio", 0
+
+msg_prefix: db "exitloop: ", 0
+msg_mode:   db "mode=", 0
+msg_n:      db " n=", 0
+msg_target: db " target=", 0
+msg_start:  db "start", 0
+msg_done:   db "done last=", 0
+msg_magic:  db "error bad hvm_start_info magic", 0
+msg_badmode: db "error mode must be pio or mmio", 0
+msg_badnum: db "error bad number in n=, port= or addr=", 0
+msg_badport: db "error port must be below 0x10000", 0
+
+; ---------------------------------------------------------------------------
+section .bss
+alignb 16
+stack:      resb 4096
+stack_top:
+cmdline:    resd 1                  ; physical address of the command line, 0 if none
+mode:       resd 1
+count:      resd 1
+port:       resd 1
+addr:       resd 1
+last:       resd 1
+
+; ---------------------------------------------------------------------------
+section .text
+global pvh_entry
+pvh_entry:
+    cli
+    cld
+    lgdt [gdt_desc]
+    jmp 0x08:.cs_ok
+.cs_ok:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov fs, ax
+    mov gs, ax
+    mov esp, stack_top
+    lidt [empty_idt_desc]           ; any fault from here on is a triple fault (a reset)
+
+    mov dword [mode], MODE_PIO
+    mov dword [count], DEFAULT_N
+    mov dword [port], DEFAULT_PORT
+    mov dword [addr], DEFAULT_ADDR
+
+    test ebx, ebx
+    jz .bad_magic
+    cmp dword [ebx + SI_MAGIC], HVM_START_MAGIC
+    jne .bad_magic
+    cmp dword [ebx + SI_CMDLINE_PADDR + 4], 0
+    jne .parsed                     ; above 4 GiB: unreachable with paging off
+    mov eax, [ebx + SI_CMDLINE_PADDR]
+    mov [cmdline], eax
+    test eax, eax
+    jz .parsed
+
+    ; mode=
+    mov esi, key_mode
+    call find_key                   ; ESI = value or 0
+    test esi, esi
+    jz .mode_done
+    mov edi, val_pio
+    call token_equals
+    jnc .mode_done                  ; MODE_PIO already
+    mov edi, val_mmio
+    call token_equals
+    jc .bad_mode
+    mov dword [mode], MODE_MMIO
+.mode_done:
+    mov esi, key_n
+    call find_key
+    test esi, esi
+    jz .n_done
+    call parse_number
+    jc .bad_number
+    mov [count], eax
+.n_done:
+    mov esi, key_port
+    call find_key
+    test esi, esi
+    jz .port_done
+    call parse_number
+    jc .bad_number
+    cmp eax, 0x10000
+    jae .bad_port
+    mov [port], eax
+.port_done:
+    mov esi, key_addr
+    call find_key
+    test esi, esi
+    jz .parsed
+    call parse_number
+    jc .bad_number
+    mov [addr], eax
+.parsed:
+
+    ; exitloop: mode=pio n=20000 target=0x00000700
+    mov esi, msg_prefix
+    call puts
+    mov esi, msg_mode
+    call puts
+    mov esi, val_pio
+    cmp dword [mode], MODE_PIO
+    je .say_mode
+    mov esi, val_mmio
+.say_mode:
+    call puts
+    mov esi, msg_n
+    call puts
+    mov eax, [count]
+    call put_dec
+    mov esi, msg_target
+    call puts
+    mov eax, [port]
+    cmp dword [mode], MODE_PIO
+    je .say_target
+    mov eax, [addr]
+.say_target:
+    call put_hex32
+    call newline
+
+    ; Load the loop's registers before the start line so that nothing but the loop and
+    ; the done line lies between the two timestamps the host takes.
+    mov ecx, [count]
+    mov edx, [port]
+    mov ebx, [addr]
+    xor eax, eax
+    mov esi, msg_prefix
+    call puts
+    mov esi, msg_start
+    call puts
+    call newline                    ; the host starts its clock on this line
+
+    test ecx, ecx
+    jz .loop_done
+    cmp dword [mode], MODE_PIO
+    jne .mmio_loop
+align 16
+.pio_loop:
+    in al, dx
+    dec ecx
+    jnz .pio_loop
+    jmp .loop_done
+align 16
+.mmio_loop:
+    mov eax, [ebx]
+    dec ecx
+    jnz .mmio_loop
+.loop_done:
+    mov [last], eax
+    cmp dword [mode], MODE_PIO
+    jne .say_done
+    and dword [last], 0xFF
+.say_done:
+    mov esi, msg_prefix
+    call puts
+    mov esi, msg_done
+    call puts
+    mov eax, [last]
+    call put_hex32
+    call newline                    ; the host stops its clock on this line
+    jmp reset
+
+.bad_magic:
+    mov esi, msg_magic
+    jmp .error
+.bad_mode:
+    mov esi, msg_badmode
+    jmp .error
+.bad_number:
+    mov esi, msg_badnum
+    jmp .error
+.bad_port:
+    mov esi, msg_badport
+.error:
+    push esi
+    mov esi, msg_prefix
+    call puts
+    pop esi
+    call puts
+    call newline
+    ; fall through
+
+reset:
+    mov al, 0xFE                    ; i8042: pulse the reset line
+    out 0x64, al
+    lidt [empty_idt_desc]           ; no i8042 (QEMU microvm): triple fault
+    ud2
+.stuck:
+    hlt
+    jmp .stuck
+
+; find_key: ESI = NUL-terminated key ("n="). Looks for a token of the command line at
+; [cmdline] that starts with the key. ESI = the first byte after the key, or 0.
+; Clobbers EAX, ECX, EDI.
+find_key:
+    push ebx
+    mov ebx, esi                    ; EBX = key
+    mov edi, [cmdline]              ; EDI = current position
+    mov ecx, CMDLINE_MAX
+.token:
+    test ecx, ecx
+    jz .none
+    cmp byte [edi], ' '
+    jne .compare
+    inc edi
+    dec ecx
+    jmp .token
+.compare:
+    cmp byte [edi], 0
+    je .none
+    mov esi, ebx
+    push edi
+.cmp_loop:
+    mov al, [esi]
+    test al, al
+    jz .match
+    cmp al, [edi]
+    jne .mismatch
+    inc esi
+    inc edi
+    jmp .cmp_loop
+.match:
+    mov esi, edi
+    pop edi
+    pop ebx
+    ret
+.mismatch:
+    pop edi
+.skip:                              ; to the next space or the end
+    test ecx, ecx
+    jz .none
+    cmp byte [edi], 0
+    je .none
+    cmp byte [edi], ' '
+    je .token
+    inc edi
+    dec ecx
+    jmp .skip
+.none:
+    xor esi, esi
+    pop ebx
+    ret
+
+; token_equals: ESI = token (ends at space or NUL), EDI = NUL-terminated word.
+; CF = 0 if they are equal, 1 if not. Preserves every register but flags.
+token_equals:
+    push eax
+    push esi
+    push edi
+.next:
+    mov al, [edi]
+    test al, al
+    jz .end_of_word
+    cmp al, [esi]
+    jne .differ
+    inc esi
+    inc edi
+    jmp .next
+.end_of_word:
+    mov al, [esi]
+    test al, al
+    jz .equal
+    cmp al, ' '
+    je .equal
+.differ:
+    stc
+    jmp .out
+.equal:
+    clc
+.out:
+    pop edi
+    pop esi
+    pop eax
+    ret
+
+; parse_number: ESI = decimal or 0x-hex digits ending at space or NUL.
+; EAX = value, CF = 1 if malformed (no digits, a bad character, over 32 bits).
+; Clobbers ECX, EDX, ESI.
+parse_number:
+    xor eax, eax
+    mov ecx, 10
+    cmp byte [esi], '0'
+    jne .first
+    mov dl, [esi + 1]
+    or dl, 0x20
+    cmp dl, 'x'
+    jne .first
+    add esi, 2
+    mov ecx, 16
+.first:
+    movzx edx, byte [esi]
+    call digit_value                ; EDX = value, CF on a non-digit
+    jc .bad
+.digit:
+    cmp edx, ecx
+    jae .bad
+    push edx
+    mul ecx                         ; EDX:EAX = EAX * base
+    test edx, edx
+    pop edx
+    jnz .bad
+    add eax, edx
+    jc .bad
+    inc esi
+    movzx edx, byte [esi]
+    test edx, edx
+    jz .ok
+    cmp edx, ' '
+    je .ok
+    call digit_value
+    jc .bad
+    jmp .digit
+.ok:
+    clc
+    ret
+.bad:
+    stc
+    ret
+
+; digit_value: EDX = character -> its value 0..15, CF = 1 if not a hex digit.
+digit_value:
+    cmp edx, '0'
+    jb .no
+    cmp edx, '9'
+    jbe .dec
+    or edx, 0x20
+    cmp edx, 'a'
+    jb .no
+    cmp edx, 'f'
+    ja .no
+    sub edx, 'a' - 10
+    clc
+    ret
+.dec:
+    sub edx, '0'
+    clc
+    ret
+.no:
+    stc
+    ret
+
+; putc: AL = byte to COM1. Preserves every register.
+putc:
+    push ecx
+    push edx
+    push eax
+    mov dx, COM1 + UART_LSR
+    mov ecx, TX_POLLS
+.wait:
+    in al, dx
+    test al, LSR_THRE
+    jnz .send
+    loop .wait
+.send:
+    pop eax
+    mov dx, COM1
+    out dx, al
+    pop edx
+    pop ecx
+    ret
+
+; puts: ESI = NUL-terminated string. Preserves every register.
+puts:
+    push eax
+    push esi
+.next:
+    lodsb
+    test al, al
+    jz .done
+    call putc
+    jmp .next
+.done:
+    pop esi
+    pop eax
+    ret
+
+newline:
+    push eax
+    mov al, 13
+    call putc
+    mov al, 10
+    call putc
+    pop eax
+    ret
+
+; put_hex32: EAX as 0x + 8 hex digits. Preserves every register.
+put_hex32:
+    push eax
+    push ecx
+    push edx
+    mov edx, eax
+    mov al, '0'
+    call putc
+    mov al, 'x'
+    call putc
+    mov ecx, 8
+.nibble:
+    rol edx, 4
+    mov al, dl
+    and al, 0x0F
+    add al, '0'
+    cmp al, '9'
+    jbe .out
+    add al, 'a' - '0' - 10
+.out:
+    call putc
+    loop .nibble
+    pop edx
+    pop ecx
+    pop eax
+    ret
+
+; put_dec: EAX as unsigned decimal. Preserves every register.
+put_dec:
+    push eax
+    push ebx
+    push ecx
+    push edx
+    mov ebx, 10
+    xor ecx, ecx
+.divide:
+    xor edx, edx
+    div ebx
+    push edx
+    inc ecx
+    test eax, eax
+    jnz .divide
+.emit:
+    pop eax
+    add al, '0'
+    call putc
+    loop .emit
+    pop edx
+    pop ecx
+    pop ebx
+    pop eax
+    ret
