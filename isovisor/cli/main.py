@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--serial", type=_serial, default="stdio",
                      help="COM1: stdio (default), file:PATH or none")
+    run.add_argument("--serial-input", default=None, metavar="SOURCE",
+                     help="what feeds COM1: stdin (default with --serial stdio), "
+                     "unix:PATH (connect to a Unix stream socket) or none")
     run.add_argument("--boot-protocol", choices=["auto", "pvh", "linux"], default="auto",
                      help="auto (default): PVH when the ELF has a PVH note, else Linux")
     run.add_argument("--timeout", type=float, default=None,
@@ -91,15 +94,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     serial = SerialSpec(target=args.serial)
     if args.serial_rate is not None:
         serial = SerialSpec(target=args.serial, rate=float(args.serial_rate))
-    stdin_fd: int | None = None
-    if args.serial == "stdio":
-        try:
-            stdin_fd = sys.stdin.fileno()
-        except (OSError, ValueError, AttributeError):
-            stdin_fd = None
+    serial_input = args.serial_input or ("stdin" if args.serial == "stdio" else "none")
     spec = VmSpec(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, memory=args.memory,
-        vcpus=args.vcpus, protocol=args.boot_protocol, serial=serial, serial_input_fd=stdin_fd,
+        vcpus=args.vcpus, protocol=args.boot_protocol, serial=serial, serial_input=serial_input,
     )
     try:
         kvm = Kvm(os.environ.get("ISOVISOR_KVM_DEVICE", KVM_DEVICE))

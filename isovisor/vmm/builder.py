@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,9 @@ class VmSpec:
     vcpus: int = 1
     protocol: Literal["auto", "pvh", "linux"] = "auto"
     serial: SerialSpec = field(default_factory=SerialSpec)
-    serial_input_fd: int | None = None  # host fd whose bytes feed COM1 (None: none)
+    # What feeds COM1: "none", "stdin", "fd:N" (an open host fd) or "unix:PATH" (connect
+    # to a listening Unix stream socket).
+    serial_input: str = "none"
 
 
 def _read_image(path: Path, what: str, limit: int) -> bytes:
@@ -87,6 +90,7 @@ class Machine:
         self.probe: EmulatorProbe = cached_probe(kvm)
         self.vm = Vm(kvm, spec.memory, spec.vcpus)
         self._out_file: BinaryIO | None = None
+        self._in_socket: socket.socket | None = None
         self.serial_input: SerialInput | None = None
         try:
             self._add_legacy_devices()
@@ -156,14 +160,37 @@ class Machine:
             fd.set_regs(x86_setup.entry_regs(boot.entry, boot.boot_struct, boot.protocol))
             fd.set_mp_state(c.KVM_MP_STATE_RUNNABLE)
 
+    def _serial_input_fd(self) -> int | None:
+        src = self.spec.serial_input
+        if src == "none":
+            return None
+        if src == "stdin":
+            try:
+                return sys.stdin.fileno()
+            except (OSError, ValueError, AttributeError):
+                return None
+        if src.startswith("fd:") and src[3:].isdigit():
+            return int(src[3:])
+        if src.startswith("unix:") and len(src) > 5:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(src[5:])
+            except OSError as exc:
+                sock.close()
+                raise VmError(f"--serial-input {src}: cannot connect: {exc.strerror}") from None
+            self._in_socket = sock
+            return sock.fileno()
+        raise VmError(f"--serial-input {src!r}: expected stdin, unix:PATH or none")
+
     # --- running ----------------------------------------------------------------------
 
     def start(self) -> None:
         enabled = self.probe.needs_assists
         mem = self.vm.mem
         assist = (lambda fd: try_assist(fd, mem, enabled)) if enabled else None
-        if self.spec.serial_input_fd is not None:
-            self.serial_input = SerialInput(self.spec.serial_input_fd, self.uart)
+        fd = self._serial_input_fd()
+        if fd is not None:
+            self.serial_input = SerialInput(fd, self.uart)
             self.serial_input.start()
         self.vm.start(assist)
 
@@ -184,6 +211,9 @@ class Machine:
         if self.serial_input is not None:
             self.serial_input.stop()
         self.vm.close()
+        if self._in_socket is not None:
+            self._in_socket.close()
+            self._in_socket = None
         if self._out_file is not None:
             self._out_file.close()
             self._out_file = None

@@ -144,3 +144,40 @@ def test_help_on_every_command() -> None:
     run_help = subprocess.run(isovisor_cmd("run", "--help"), capture_output=True, text=True,
                               cwd=REPO).stdout
     assert "exit status" in run_help and "triple fault" in run_help
+
+
+def test_serial_input_from_a_unix_socket_and_output_to_a_file(
+    guest_elfs: dict[str, Path], kvm: Kvm, tmp_path: Path
+) -> None:
+    import socket
+    import threading
+
+    path = tmp_path / "console.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    out_file = tmp_path / "serial.log"
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if out_file.exists() and b"echo: ready" in out_file.read_bytes():
+                    break
+                time.sleep(0.05)
+            conn.sendall(b"via socket\n")
+            time.sleep(1)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    res = run_isovisor(
+        ["run", "--kernel", str(guest_elfs["echo"]), "--memory", "32M",
+         "--serial", f"file:{out_file}", "--serial-input", f"unix:{path}"],
+        timeout=60,
+    )
+    t.join()
+    server.close()
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b""  # the guest's output went to the file, not stdout
+    assert "echo: via socket" in serial_lines(out_file.read_bytes())
