@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 
 from isovisor.devices.bus import Bus, mmio_bus, pio_bus
+from isovisor.devices.events import SecurityEventLog
 from isovisor.devices.irq import CallbackLine
 from isovisor.kvm import Kvm, VcpuFd, VmFd
 from isovisor.kvm import constants as c
@@ -46,6 +48,8 @@ class Vm:
         self._stopped = threading.Event()
         self.stop_event: StopEvent | None = None
         self.stop_listeners: list[Callable[[StopEvent], None]] = []
+        self.security_events = SecurityEventLog()
+        self._eventfds: list[int] = []
         try:
             self.fd.set_tss_addr(KVM_TSS_ADDR)
             self.fd.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
@@ -73,6 +77,33 @@ class Vm:
         if not 0 <= irq < IOAPIC_PINS:
             raise VmError(f"IRQ {irq} is outside 0..{IOAPIC_PINS - 1}")
         return CallbackLine(irq, self.fd.irq_line)
+
+    def ioeventfd(self, addr: int, length: int, *, datamatch: int | None = None,
+                  pio: bool = False) -> int:
+        """An eventfd KVM signals when the guest writes `length` bytes at `addr` (matching
+        `datamatch` if given) without an exit to userspace. The VM owns and closes it."""
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self.fd.ioeventfd(efd, addr, length, pio=pio, datamatch=datamatch)
+        except BaseException:
+            os.close(efd)
+            raise
+        self._eventfds.append(efd)
+        return efd
+
+    def irqfd(self, gsi: int) -> int:
+        """An eventfd that injects an edge on interrupt pin `gsi` when written (from any
+        thread, without an ioctl on the data path). The VM owns and closes it."""
+        if not 0 <= gsi < IOAPIC_PINS:
+            raise VmError(f"GSI {gsi} is outside 0..{IOAPIC_PINS - 1}")
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self.fd.irqfd(efd, gsi)
+        except BaseException:
+            os.close(efd)
+            raise
+        self._eventfds.append(efd)
+        return efd
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -127,10 +158,13 @@ class Vm:
         for fd in self._vcpu_fds:
             fd.close()
         self._vcpu_fds = []
+        self.fd.close()  # drops KVM's irqfd/ioeventfd references before we close ours
+        for efd in self._eventfds:
+            os.close(efd)
+        self._eventfds = []
         if self.memory is not None:
             self.memory.close()
             self.memory = None
-        self.fd.close()
 
     def __enter__(self) -> Vm:
         return self
