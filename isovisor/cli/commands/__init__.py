@@ -1,0 +1,1 @@
+"""One module per `isovisor` subcommand, each exposing `register(subparsers)`."""
