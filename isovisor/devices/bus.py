@@ -52,6 +52,11 @@ class BusStats:
     device_faults: int = 0
 
 
+ALL_ONES = {n: b"\xff" * n for n in (1, 2, 4, 8)}
+# Address spaces at most this big get a direct lookup table (the 64 Ki I/O ports).
+_TABLE_LIMIT = 0x1_0000
+
+
 class Bus:
     """An address space of device ranges (one for port I/O, one for MMIO)."""
 
@@ -62,6 +67,11 @@ class Bus:
         self._bases: list[int] = []
         self._lock = threading.Lock()
         self.stats = BusStats()
+        # Port I/O: one slot per address, so an exit finds its device in O(1).
+        self._table: list[BusRange | None] | None = (
+            [None] * limit if limit <= _TABLE_LIMIT else None
+        )
+        self._last: BusRange | None = None  # MMIO: the range hit last (device loops)
 
     def register(self, base: int, length: int, device: BusDevice, name: str) -> None:
         if length <= 0 or base < 0 or base + length > self.limit:
@@ -79,6 +89,9 @@ class Bus:
                     )
             self._ranges.insert(i, new)
             self._bases.insert(i, base)
+            if self._table is not None:
+                for a in range(base, base + length):
+                    self._table[a] = new
 
     def ranges(self) -> list[BusRange]:
         with self._lock:
@@ -93,8 +106,16 @@ class Bus:
         return None
 
     def _lookup(self, addr: int, size: int) -> BusRange | None:
-        r = self.find(addr)
-        if r is None or addr + size > r.end:
+        table = self._table
+        if table is not None:
+            r = table[addr] if 0 <= addr < len(table) else None
+        else:
+            r = self._last
+            if r is None or not r.base <= addr < r.base + r.length:
+                r = self.find(addr)
+                if r is not None:
+                    self._last = r
+        if r is None or addr + size > r.base + r.length:
             return None  # an access straddling a range's end is not the device's
         return r
 
@@ -102,7 +123,7 @@ class Bus:
         r = self._lookup(addr, size)
         if r is None:
             self.stats.unclaimed_reads += 1
-            return b"\xff" * size
+            return ALL_ONES.get(size) or b"\xff" * size
         try:
             data = r.device.read(addr - r.base, size)
         except Exception:

@@ -20,6 +20,10 @@ _ioctl.restype = ctypes.c_int
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 
+# The bare foreign function, for hot paths that check the return value themselves.
+raw_ioctl = _ioctl
+
+
 def ioctl_name(request: int) -> str:
     return IOCTL_NAMES.get(request, f"ioctl {request:#x}")
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from collections.abc import Callable
 
 from isovisor.kvm import constants as c
 from isovisor.kvm import structs as s
-from isovisor.kvm.ioctl import ioctl
+from isovisor.kvm.ioctl import ioctl, raw_ioctl
 from isovisor.kvm.system import CpuidEntry, cpuid_to_struct
 
 
@@ -43,6 +44,23 @@ class VcpuFd:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    @property
+    def run_page(self) -> mmap.mmap:
+        """The raw kvm_run mapping (port-I/O data lives at exit.io.data_offset)."""
+        return self._run_page
+
+    def fast_runner(self) -> Callable[[], int]:
+        """KVM_RUN for the vCPU loop's hot path: returns 0, or the errno (no exception,
+        no per-call allocation). The GIL is released for the call (ctypes CDLL)."""
+        fd, request, call, get_errno = self.fd, c.KVM_RUN, raw_ioctl, ctypes.get_errno
+
+        def run() -> int:
+            if call(fd, request, None) < 0:
+                return int(get_errno())
+            return 0
+
+        return run
 
     def run_once(self) -> int:
         """KVM_RUN (GIL released). Returns 0, or -EINTR when a signal/immediate_exit cut in."""

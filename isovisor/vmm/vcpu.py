@@ -7,6 +7,7 @@ whether the thread is inside it or about to enter it.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import logging
@@ -39,11 +40,16 @@ class VcpuState(enum.Enum):
 
 @dataclass
 class VcpuStats:
-    exits: dict[str, int] = field(default_factory=dict)
+    io_in: int = 0
+    io_out: int = 0
+    mmio_read: int = 0
+    mmio_write: int = 0
+    malformed: int = 0
+    other: dict[str, int] = field(default_factory=dict)  # the rare exits, by name
     assists: dict[str, int] = field(default_factory=dict)
 
     def count(self, reason: str) -> None:
-        self.exits[reason] = self.exits.get(reason, 0) + 1
+        self.other[reason] = self.other.get(reason, 0) + 1
 
 
 AssistFn = Callable[[VcpuFd], str | None]
@@ -76,6 +82,9 @@ class Vcpu:
         self._cond = threading.Condition()
         self._state = VcpuState.CREATED
         self._want: VcpuState = VcpuState.RUNNING
+        # Set (after _want) by requesters, read without the lock by the vCPU loop: the
+        # common case, no request, costs one attribute read per exit.
+        self._pending = False
         self._thread: threading.Thread | None = None
 
     # --- control (any thread) ---------------------------------------------------------
@@ -100,6 +109,7 @@ class Vcpu:
             if self._state is VcpuState.STOPPED:
                 return
             self._want = want
+            self._pending = True
             self._cond.notify_all()
         if want is not VcpuState.RUNNING:
             self._kick()
@@ -153,9 +163,8 @@ class Vcpu:
         with self._cond:
             # Cleared under the lock, before reading the request: a request made after this
             # point sets it again and KVM_RUN returns at once.
-            run = self.fd.run
-            if run is not None:
-                run.immediate_exit = 0
+            self.fd.kvm_run.immediate_exit = 0
+            self._pending = False
             while True:
                 if self._want is VcpuState.STOPPED:
                     return False
@@ -168,72 +177,93 @@ class Vcpu:
                 return True
 
     def _loop(self) -> None:
+        """The hot loop: everything it touches per exit is bound to a local first."""
         run = self.fd.kvm_run
+        io, mmio = run.exit.io, run.exit.mmio
+        page = self.fd.run_page
+        run_kvm = self.fd.fast_runner()
+        pio_read, pio_write = self.pio.read, self.pio.write
+        mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        mmio_data_addr = ctypes.addressof(mmio.data)
+        memmove = ctypes.memmove
+        stats = self.stats
+        exit_io, exit_mmio = int(c.ExitReason.IO), int(c.ExitReason.MMIO)
+        exit_intr, exit_internal = int(c.ExitReason.INTR), int(c.ExitReason.INTERNAL_ERROR)
+        io_out = c.KVM_EXIT_IO_OUT
+        retry = (errno.EINTR, errno.EAGAIN)
         assists_in_a_row = 0
-        while self._honour_requests():
-            try:
-                if self.fd.run_once() < 0:
-                    continue  # kicked (EINTR): go and look at the requests
-            except KvmIoctlError as exc:
-                if exc.errno == errno.EAGAIN:
+        if not self._honour_requests():
+            return
+        while True:
+            if self._pending and not self._honour_requests():
+                return
+            err = run_kvm()
+            if err:
+                if err in retry:
+                    # kicked, or a stale immediate_exit: clear it, then look at requests
+                    # (requesters set _pending before immediate_exit)
+                    run.immediate_exit = 0
                     continue
-                raise
+                raise KvmIoctlError("KVM_RUN", err)
             reason = run.exit_reason
-            if reason == c.ExitReason.IO:
-                self._io(run)
-            elif reason == c.ExitReason.MMIO:
-                self._mmio(run)
-            elif reason == c.ExitReason.INTR:
+            if reason == exit_io:
+                size, count, port, off = io.size, io.count, io.port, io.data_offset
+                if count == 1 and size in (1, 2, 4):
+                    if io.direction == io_out:
+                        stats.io_out += 1
+                        pio_write(port, page[off : off + size])
+                    else:
+                        stats.io_in += 1
+                        page[off : off + size] = pio_read(port, size)
+                else:
+                    self._string_io(size, count, port, off, io.direction == io_out)
+            elif reason == exit_mmio:
+                length = mmio.len
+                if length not in (1, 2, 4, 8):
+                    stats.malformed += 1
+                elif mmio.is_write:
+                    stats.mmio_write += 1
+                    mmio_write(mmio.phys_addr, bytes(mmio.data)[:length])
+                else:
+                    stats.mmio_read += 1
+                    memmove(mmio_data_addr, mmio_read(mmio.phys_addr, length), length)
+            elif reason == exit_intr:
                 continue
-            elif reason == c.ExitReason.INTERNAL_ERROR:
-                name = self._try_assist(run)
+            elif reason == exit_internal:
+                name = self._try_assist()
                 if name is not None and assists_in_a_row < MAX_CONSECUTIVE_ASSISTS:
                     assists_in_a_row += 1
                     continue
-                self._stop(StopReason.EMULATION_ERROR, self._describe_internal(run))
+                self._stop(StopReason.EMULATION_ERROR, self._describe_internal())
                 return
             else:
-                if self._other_exit(run, reason):
+                if self._other_exit(reason):
                     return
                 continue
             assists_in_a_row = 0
 
+    def _string_io(self, size: int, count: int, port: int, offset: int, out: bool) -> None:
+        """rep ins/outs: `count` items of `size` bytes in the kvm_run data area."""
+        if size not in (1, 2, 4) or count == 0:
+            self.stats.malformed += 1
+            return
+        data = self.fd.io_data(offset, size * count)  # bounds-checked against the page
+        try:
+            for i in range(count):
+                item = slice(i * size, (i + 1) * size)
+                if out:
+                    self.stats.io_out += 1
+                    self.pio.write(port, bytes(data[item]))
+                else:
+                    self.stats.io_in += 1
+                    data[item] = self.pio.read(port, size)
+        finally:
+            data.release()
+
     def _stop(self, reason: StopReason, detail: str) -> None:
         self._on_stop(StopEvent(reason, self.index, detail))
 
-    def _io(self, run: object) -> None:
-        io = self.fd.kvm_run.exit.io
-        size, count, port = io.size, io.count, io.port
-        if size not in (1, 2, 4) or count == 0:
-            self.stats.count("io-malformed")
-            return
-        data = self.fd.io_data(io.data_offset, size * count)
-        if io.direction == c.KVM_EXIT_IO_OUT:
-            self.stats.count("io-out")
-            for i in range(count):
-                self.pio.write(port, bytes(data[i * size : (i + 1) * size]))
-        else:
-            self.stats.count("io-in")
-            for i in range(count):
-                data[i * size : (i + 1) * size] = self.pio.read(port, size)
-        data.release()
-
-    def _mmio(self, run: object) -> None:
-        mmio = self.fd.kvm_run.exit.mmio
-        length = mmio.len
-        if length not in (1, 2, 4, 8):
-            self.stats.count("mmio-malformed")
-            return
-        if mmio.is_write:
-            self.stats.count("mmio-write")
-            self.mmio.write(mmio.phys_addr, bytes(mmio.data[:length]))
-        else:
-            self.stats.count("mmio-read")
-            value = self.mmio.read(mmio.phys_addr, length)
-            for i in range(length):
-                mmio.data[i] = value[i]
-
-    def _try_assist(self, run: object) -> str | None:
+    def _try_assist(self) -> str | None:
         internal = self.fd.kvm_run.exit.internal
         if internal.suberror != c.InternalSuberror.EMULATION or self._assist is None:
             return None
@@ -242,7 +272,7 @@ class Vcpu:
             self.stats.assists[name] = self.stats.assists.get(name, 0) + 1
         return name
 
-    def _describe_internal(self, run: object) -> str:
+    def _describe_internal(self) -> str:
         r = self.fd.kvm_run
         internal = r.exit.internal
         try:
@@ -264,7 +294,7 @@ class Vcpu:
             insn = " instruction bytes: " + bytes(ef.insn_bytes[:n]).hex(" ")
         return f"KVM internal error ({sub}) at {where}{insn}"
 
-    def _other_exit(self, run: object, reason: int) -> bool:
+    def _other_exit(self, reason: int) -> bool:
         """Handle the rarer exits. Returns True when this vCPU must stop."""
         r = self.fd.kvm_run
         try:
