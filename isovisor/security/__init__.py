@@ -1,0 +1,1 @@
+"""Security: RBAC (rbac), the host certificate authority (pki), audit, integrity, surface."""
