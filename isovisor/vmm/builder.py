@@ -18,6 +18,7 @@ from isovisor.kvm import Kvm
 from isovisor.kvm import constants as c
 from isovisor.memory.layout import MiB
 from isovisor.vmm import x86_setup
+from isovisor.vmm.acpi import VirtioMmioSlot, write_acpi_tables
 from isovisor.vmm.assists import try_assist
 from isovisor.vmm.boot.loader import BootEntry, load_kernel
 from isovisor.vmm.cpuid import build_cpuid
@@ -94,8 +95,11 @@ class Machine:
         self.serial_input: SerialInput | None = None
         try:
             self._add_legacy_devices()
+            self.virtio_slots: list[VirtioMmioSlot] = []
+            self.rsdp = write_acpi_tables(self.vm.mem, spec.vcpus, self.virtio_slots)
             self.boot: BootEntry = load_kernel(
-                self.vm.mem, kernel, cmdline=spec.cmdline, initrd=initrd, protocol=spec.protocol
+                self.vm.mem, kernel, cmdline=spec.cmdline, initrd=initrd,
+                protocol=spec.protocol, acpi_rsdp=self.rsdp,
             )
             self._setup_vcpus()
         except BaseException:

@@ -70,6 +70,8 @@ def test_independent_pvh_guest_boots(kvm: Kvm, tmp_path: Path) -> None:
     assert any(re.fullmatch(r"pvh-spec-guest: entry .* state=ok", x) for x in lines), lines
     ram = next(int(m.group(1)) for x in lines if (m := re.search(r"ram_kib=(\d+)", x)))
     assert 60000 <= ram <= 65536
+    assert "pvh-spec-guest: rsdp=0x000e0000" in lines  # our ACPI tables, via start_info
+    assert "pvh-spec-guest: rsdp signature=ok" in lines
     assert lines[-1] == "pvh-spec-guest: done"
     assert res.returncode == 0
 

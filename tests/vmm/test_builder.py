@@ -46,3 +46,25 @@ def test_machine_refuses_bad_inputs_cleanly(kvm: Kvm, tmp_path: Path) -> None:
         Machine(VmSpec(kernel=junk, memory=32 << 20, serial=SerialSpec(target="none")), kvm)
     with pytest.raises(VmError, match="--vcpus"):
         Machine(VmSpec(kernel=junk, vcpus=100000, serial=SerialSpec(target="none")), kvm)
+
+
+def test_linux_boot_gets_the_acpi_rsdp_and_long_mode(kvm: Kvm) -> None:
+    from isovisor.memory.layout import BOOT_PARAMS_ADDR
+    from tests.conftest import TEST_KERNEL
+
+    if not TEST_KERNEL.exists():
+        pytest.fail(f"{TEST_KERNEL} is missing (../shared/guest-kernels)")
+    spec = VmSpec(kernel=TEST_KERNEL, memory=256 << 20, protocol="linux",
+                  serial=SerialSpec(target="none"))
+    m = Machine(spec, kvm)
+    try:
+        assert m.boot.protocol == "linux64"
+        assert m.vm.mem.read_u64(BOOT_PARAMS_ADDR + 0x70) == m.rsdp  # acpi_rsdp_addr
+        assert m.vm.mem.read_exact(m.rsdp, 8) == b"RSD PTR "
+        bsp = m.vm.vcpu_fds[0]
+        sregs = bsp.get_sregs()
+        assert sregs.efer & (1 << 10) and sregs.cs.l == 1  # long mode, 64-bit CS
+        assert sregs.cs.selector == 0x10 and sregs.ds.selector == 0x18  # __BOOT_CS/DS
+        assert bsp.get_regs().rsi == BOOT_PARAMS_ADDR
+    finally:
+        m.close()
