@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from isovisor.security.audit.entry import MAX_ENTRY_BYTES
-from isovisor.security.audit.errors import AuditPermissionError
+from isovisor.security.audit.errors import AuditError, AuditPermissionError
 
 SEGMENT_PREFIX = "audit-"
 SEGMENT_SUFFIX = ".log"
@@ -63,6 +63,18 @@ def list_segments(directory: Path) -> tuple[list[Segment], list[str]]:
             strays.append(name)
     segments.sort(key=lambda s: s.first_seq)
     return segments, sorted(strays)
+
+
+def log_segments(path: Path) -> list[Segment]:
+    """The segments of a log directory, or a single exported file as one segment."""
+    if path.is_file():
+        return [Segment(path, 0)]
+    if not path.is_dir():
+        raise AuditError(f"no audit log at {path}")
+    segments, _ = list_segments(path)
+    if not segments:
+        raise AuditError(f"no audit segments (audit-*.log) in {path}")
+    return segments
 
 
 def iter_lines(segment: Segment) -> Iterator[RawLine]:

@@ -11,9 +11,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from isovisor.security.audit.chain import Anchor, Break, ChainResult, Location, walk
 from isovisor.security.audit.entry import EntryType
-from isovisor.security.audit.errors import AuditError
 from isovisor.security.audit.keys import key_id
-from isovisor.security.audit.segments import RawLine, Segment, iter_lines, list_segments
+from isovisor.security.audit.segments import (
+    RawLine,
+    Segment,
+    iter_lines,
+    list_segments,
+    log_segments,
+)
 
 
 class Status(StrEnum):
@@ -72,11 +77,8 @@ def _all_lines(segments: list[Segment]) -> Iterator[RawLine]:
 
 def verify_log(directory: Path, public: Ed25519PublicKey, *, key_source: str = "given",
                key_from_log_dir: bool = False, anchors: Iterable[Anchor] = ()) -> VerifyReport:
-    if not directory.is_dir():
-        raise AuditError(f"{directory} is not a directory")
-    segments, strays = list_segments(directory)
-    if not segments:
-        raise AuditError(f"no audit segments (audit-*.log) in {directory}")
+    segments = log_segments(directory)
+    strays = list_segments(directory)[1] if directory.is_dir() else []
     wanted = list(anchors)
     chain = walk(_all_lines(segments), public, anchors=wanted)
     report = VerifyReport(directory, key_id(public), key_source, Status.VERIFIED, chain,
