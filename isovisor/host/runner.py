@@ -1,0 +1,262 @@
+"""How the daemon runs a VM: the `VmRunner` interface and its first implementation,
+`SubprocessRunner`, which starts `isovisor run` under a small monitor process.
+
+The interface is all the daemon knows of VM processes, so the jailed-worker launcher can
+replace this implementation without touching the lifecycle code. A `VmHandle` is plain
+data that the daemon stores in SQLite and hands back to `adopt` after a restart."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from isovisor.host import monitor
+from isovisor.host.errors import RunnerError
+
+CONSOLE_LOG = "console.log"
+# How long `start` waits for the monitor to report the VMM's pid.
+SPAWN_TIMEOUT = 10.0
+
+# `isovisor run` exit statuses (README, vmm.stop.StopReason) as stop reasons.
+EXIT_REASONS = {
+    0: "the guest reset",
+    1: "the VMM could not start the guest (see vmm.log)",
+    2: "the VMM was given a bad option",
+    10: "triple fault",
+    11: "the guest powered off",
+    12: "the guest crashed",
+    13: "KVM could not run the guest (emulation or internal error)",
+    14: "stopped by the host",
+    15: "a fault inside the VMM",
+}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What to run: everything resolved to host paths by the daemon."""
+
+    vm_id: str
+    kernel: Path
+    vcpus: int
+    memory_mib: int
+    initrd: Path | None = None
+    cmdline: str = ""
+
+
+@dataclass(frozen=True)
+class VmHandle:
+    """Enough to find a VM's process again after a daemon restart."""
+
+    pid: int  # the monitor
+    start_ticks: int  # its start time (/proc/PID/stat field 22): guards against pid reuse
+    run_dir: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> VmHandle:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class VmExit:
+    status: int | None  # `isovisor run`'s exit status; negative: killed by that signal
+    reason: str
+
+
+@dataclass
+class VmMetrics:
+    cpu_seconds: float = 0.0
+    rss_bytes: int = 0
+    console_bytes: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class VmRunner(Protocol):
+    def start(self, launch: Launch) -> VmHandle: ...
+    def stop(self, handle: VmHandle, timeout: float) -> None: ...
+    def pause(self, handle: VmHandle) -> None: ...
+    def resume(self, handle: VmHandle) -> None: ...
+    def adopt(self, handle: VmHandle) -> bool: ...
+    def alive(self, handle: VmHandle) -> bool: ...
+    def exit_info(self, handle: VmHandle) -> VmExit: ...
+    def console_path(self, handle: VmHandle) -> Path: ...
+    def metrics(self, handle: VmHandle) -> VmMetrics: ...
+
+
+def describe_exit(status: int | None) -> str:
+    if status is None:
+        return "the VM's monitor vanished; how the VM ended is unknown"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"the VMM was killed by {name}"
+    return EXIT_REASONS.get(status, f"the VMM exited with status {status}")
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def default_command(launch: Launch, console: Path) -> list[str]:
+    """`isovisor run` for this launch (the jailed worker replaces this in one place)."""
+    cmd = [sys.executable, "-m", "isovisor.cli.main", "run", "--kernel", str(launch.kernel),
+           "--memory", f"{launch.memory_mib}M", "--vcpus", str(launch.vcpus),
+           "--serial", f"file:{console}", "--serial-input", "none"]
+    if launch.initrd is not None:
+        cmd += ["--initrd", str(launch.initrd)]
+    if launch.cmdline:
+        cmd += ["--cmdline", launch.cmdline]
+    return cmd
+
+
+class SubprocessRunner:
+    def __init__(self, run_root: Path,
+                 command: Callable[[Launch, Path], list[str]] = default_command) -> None:
+        self.run_root = run_root
+        self.command = command
+        run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self, launch: Launch) -> VmHandle:
+        run_dir = self.run_root / launch.vm_id
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(mode=0o700)
+        console = run_dir / CONSOLE_LOG
+        console.touch(mode=0o600)
+        argv = [sys.executable, "-I", "-S", monitor.__file__, str(run_dir), "--",
+                *self.command(launch, console)]
+        env = {k: v for k, v in os.environ.items()
+               if k in ("PATH", "LANG", "PYTHONPATH") or k.startswith("ISOVISOR_")}
+        env["ISOVISOR_VM_ID"] = launch.vm_id
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=open(run_dir / "monitor.log", "wb"),  # noqa: SIM115
+                                    start_new_session=True, close_fds=True, env=env,
+                                    cwd=run_dir)
+        except OSError as exc:
+            raise RunnerError(f"cannot start the VM monitor: {exc.strerror}") from exc
+        self._children[proc.pid] = proc
+        ticks = proc_start_ticks(proc.pid)
+        handle = VmHandle(proc.pid, ticks if ticks is not None else -1, str(run_dir))
+        deadline = time.monotonic() + SPAWN_TIMEOUT
+        while self._vmm_pid(handle) is None:
+            if proc.poll() is not None:
+                raise RunnerError(f"the VM monitor exited with status {proc.returncode} "
+                                  f"before starting the VMM (see {run_dir}/monitor.log)")
+            if time.monotonic() > deadline:
+                self._kill(handle)
+                raise RunnerError("the VM monitor did not start the VMM in time")
+            time.sleep(0.002)
+        return handle
+
+    def _vmm_pid(self, handle: VmHandle) -> int | None:
+        try:
+            return int((Path(handle.run_dir) / monitor.CHILD_PID).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _signal(self, pid: int | None, sig: int) -> None:
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    def alive(self, handle: VmHandle) -> bool:
+        proc = self._children.get(handle.pid)
+        if proc is not None:
+            return proc.poll() is None
+        return proc_start_ticks(handle.pid) == handle.start_ticks
+
+    def adopt(self, handle: VmHandle) -> bool:
+        """True when the handle's monitor still runs (same pid, same start time, our
+        monitor for that run directory)."""
+        if proc_start_ticks(handle.pid) != handle.start_ticks:
+            return False
+        try:
+            cmdline = Path(f"/proc/{handle.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return handle.run_dir.encode() in cmdline and monitor.__file__.encode() in cmdline
+
+    def pause(self, handle: VmHandle) -> None:
+        self._signal(self._vmm_pid(handle), signal.SIGSTOP)
+
+    def resume(self, handle: VmHandle) -> None:
+        self._signal(self._vmm_pid(handle), signal.SIGCONT)
+
+    def stop(self, handle: VmHandle, timeout: float) -> None:
+        """SIGTERM (the VMM stops its vCPUs and exits 14); SIGKILL after `timeout`."""
+        if not self.alive(handle):
+            return
+        self._signal(handle.pid, signal.SIGTERM)
+        if self._wait(handle, timeout):
+            return
+        self._kill(handle)
+        self._wait(handle, timeout)
+
+    def _kill(self, handle: VmHandle) -> None:
+        self._signal(self._vmm_pid(handle), signal.SIGKILL)
+        if self.alive(handle):
+            self._signal(handle.pid, signal.SIGKILL)
+
+    def _wait(self, handle: VmHandle, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.alive(handle):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def exit_info(self, handle: VmHandle) -> VmExit:
+        proc = self._children.pop(handle.pid, None)
+        if proc is not None:
+            proc.poll()
+        try:
+            status = json.loads((Path(handle.run_dir) / monitor.EXIT_FILE).read_text())
+            code: int | None = int(status["returncode"])
+        except (OSError, ValueError, KeyError, TypeError):
+            code = None
+        return VmExit(code, describe_exit(code))
+
+    def console_path(self, handle: VmHandle) -> Path:
+        return Path(handle.run_dir) / CONSOLE_LOG
+
+    def metrics(self, handle: VmHandle) -> VmMetrics:
+        m = VmMetrics()
+        with contextlib.suppress(OSError):
+            m.console_bytes = self.console_path(handle).stat().st_size
+        pid = self._vmm_pid(handle)
+        if pid is None:
+            return m
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            statm = Path(f"/proc/{pid}/statm").read_text().split()
+        except OSError:
+            return m
+        fields = stat[stat.rindex(")") + 2:].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        m.cpu_seconds = (int(fields[11]) + int(fields[12])) / tick
+        m.rss_bytes = int(statm[1]) * os.sysconf("SC_PAGE_SIZE")
+        return m

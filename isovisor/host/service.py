@@ -1,0 +1,75 @@
+"""The daemon's state and operations, below the API: one object wiring the stores, the
+runner and the lifecycle. Authorization happens above this layer (isovisor.api)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from isovisor.host.access import AccessStore
+from isovisor.host.db import Database
+from isovisor.host.errors import Conflict
+from isovisor.host.idempotency import IdempotencyStore
+from isovisor.host.images import ImageStore
+from isovisor.host.lifecycle import VmLifecycle
+from isovisor.host.models import RoleAssignment, Vm
+from isovisor.host.runner import SubprocessRunner, VmRunner
+from isovisor.host.tenants import TenantStore
+from isovisor.host.vms import VmSpec, VmStore
+from isovisor.security.rbac import ROOT, Scope
+
+log = logging.getLogger(__name__)
+DB_FILE = "isovisord.sqlite3"
+
+
+class HostService:
+    def __init__(self, state_dir: Path, runner: VmRunner | None = None) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state_dir = state_dir
+        self.db = Database(state_dir / DB_FILE)
+        self.tenants = TenantStore(self.db)
+        self.images = ImageStore(self.db, state_dir / "images")
+        self.vms = VmStore(self.db)
+        self.access = AccessStore(self.db)
+        self.idempotency = IdempotencyStore(self.db)
+        self.runner: VmRunner = runner if runner is not None else SubprocessRunner(
+            state_dir / "run")
+        self.lifecycle = VmLifecycle(self.vms, self.images, self.runner)
+        self._open = False
+
+    def open(self) -> dict[str, str]:
+        """Reconcile with the VM processes that survived a restart; watch for exits."""
+        report = self.lifecycle.reconcile()
+        for vm_id, what in report.items():
+            log.info("reconcile: VM %s: %s", vm_id, what)
+        self.lifecycle.start_watcher()
+        self._open = True
+        return report
+
+    def close(self) -> None:
+        """Stop watching. Running VMs keep running (a restart re-adopts them)."""
+        if self._open:
+            self.lifecycle.stop_watcher()
+            self._open = False
+        self.db.close()
+
+    def bootstrap_admin(self, principal: str) -> RoleAssignment | None:
+        """Make `principal` a Host Admin at `/` unless it already is."""
+        try:
+            return self.access.assign(principal, "Host Admin", ROOT, created_by="bootstrap")
+        except Conflict:
+            return None
+
+    def create_vm(self, tenant: str, spec: VmSpec, start: bool, actor: str) -> Vm:
+        vm = self.vms.create(tenant, spec)
+        self.lifecycle.created(vm, actor)
+        if start:
+            vm = self.lifecycle.start(vm, actor)
+        return vm
+
+    def delete_vm(self, vm: Vm, actor: str) -> None:
+        self.lifecycle.delete(vm, actor)
+        self.access.delete_scope(Scope.vm(vm.tenant, vm.name))
+
+    def delete_tenant(self, name: str) -> None:
+        self.tenants.delete(name)
