@@ -14,6 +14,8 @@ an altered link:
 
 from __future__ import annotations
 
+import json
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from isovisor.security.audit.entry import Entry, EntryType, decode
 from isovisor.security.audit.errors import EntryFormatError
 from isovisor.security.audit.keys import key_id, verify_signature
 from isovisor.security.audit.segments import RawLine
+
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*")
 
 
 @dataclass(frozen=True)
@@ -122,12 +126,15 @@ def walk(lines: Iterable[RawLine], public: Ed25519PublicKey, *,
     while (item := items.next()) is not None:
         raw = item.raw
         if not raw.complete:
-            if items.peek() is None:
+            where = Location(raw.segment.name, raw.number)
+            if items.peek() is not None:
+                result.bad = Break(where, "the line is cut short but more entries follow: the "
+                                   "segment was truncated or bytes were removed")
+            elif not torn_write_plausible(raw.data):
+                result.bad = Break(where, "the last line is incomplete and holds bytes no torn "
+                                   "write leaves (it was altered)")
+            else:
                 result.partial = raw
-                return result
-            result.bad = Break(Location(raw.segment.name, raw.number),
-                               "the line is cut short but more entries follow: the segment was "
-                               "truncated or bytes were removed")
             return result
         if item.entry is None:
             result.bad = Break(Location(raw.segment.name, raw.number),
@@ -189,9 +196,7 @@ def _check(e: Entry, here: Seen, prev: Seen | None, items: _Lookahead, result: C
         return Break(loc, f"seq {e.seq} follows seq {expected - 1}: "
                      f"{_span(expected, e.seq - 1)} missing (removed) or out of order")
     if e.seq < expected:
-        nxt = items.peek()
-        if e.prev == prev.entry.prev and nxt is not None and nxt.entry is not None \
-                and nxt.entry.prev == e.hash:
+        if e.prev == prev.entry.prev and _confirmed(e, items, public):
             return Break(prev.location, f"an inserted entry: seq {e.seq} appears twice and the "
                          "chain continues from the other one")
         return Break(loc, f"seq {e.seq} repeats or goes back after seq {expected - 1}: an "
@@ -204,6 +209,32 @@ def _check(e: Entry, here: Seen, prev: Seen | None, items: _Lookahead, result: C
             return problem
         here.signed = True
     return None
+
+
+def _confirmed(e: Entry, items: _Lookahead, public: Ed25519PublicKey) -> bool:
+    """The next entry links to ``e``, or ``e`` is a checkpoint whose signature verifies."""
+    nxt = items.peek()
+    if nxt is not None and nxt.entry is not None and nxt.entry.prev == e.hash:
+        return True
+    return e.type is EntryType.CHECKPOINT and verify_signature(public, _signature(e),
+                                                                e.signed_message())
+
+
+def torn_write_plausible(tail: bytes) -> bool:
+    """Could a crash mid-write have left ``tail`` (bytes after the last newline)?
+
+    A torn write leaves a prefix of one canonical line, possibly followed by zeros (blocks
+    allocated but never written): printable ASCII, and no complete JSON value followed by
+    more bytes.
+    """
+    text = tail.rstrip(b"\0")
+    if not _PRINTABLE.fullmatch(text):
+        return False
+    try:
+        _, end = json.JSONDecoder().raw_decode(text.decode("ascii"))
+    except ValueError:
+        return True  # an unfinished value: what a cut line looks like
+    return end == len(text)
 
 
 def _localise_link(e: Entry, here: Seen, prev: Seen, items: _Lookahead,

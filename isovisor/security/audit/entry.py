@@ -78,7 +78,9 @@ def timestamp(when: float) -> str:
 
 
 def parse_timestamp(text: str) -> datetime:
-    return datetime.strptime(text, _TS_FORMAT).replace(tzinfo=UTC)
+    """Parse what ``timestamp`` writes (ValueError otherwise; callers check the shape)."""
+    return datetime.fromisoformat(text[:-1] + "+00:00") if text.endswith("Z") \
+        else datetime.strptime(text, _TS_FORMAT)
 
 
 def check_kind(kind: str) -> None:
