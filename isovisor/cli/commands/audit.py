@@ -15,7 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from isovisor.cli.errors import CliError
-from isovisor.security.audit.paths import DIR_ENV, KEY_ENV, default_dir, default_key
+
+# Spelled out here so that building the parser does not import the audit package.
+_DIR_DEFAULT = "$ISOVISOR_AUDIT_DIR or /var/lib/isovisor/audit"
+_KEY_DEFAULT = "$ISOVISOR_AUDIT_KEY or /var/lib/isovisor/keys/audit.key"
 
 EXIT_VERIFIED = 0
 EXIT_UNPROVEN = 3
@@ -69,14 +72,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         description="Create the audit signing key (mode 0600) and its public "
                         "half beside it (.pub); copy the .pub off the host for verification.")
     k.add_argument("--key", type=Path, default=None, metavar="PATH",
-                   help=f"private key path (default ${KEY_ENV} or {default_key()})")
+                   help=f"private key path (default {_KEY_DEFAULT})")
     k.set_defaults(handler=cmd_keygen)
 
 
 def _dir_arg(p: argparse.ArgumentParser, *, allow_file: bool) -> None:
     p.add_argument("--dir", type=Path, default=None, metavar="D",
                    help=f"log directory{' or exported file' if allow_file else ''} "
-                   f"(default ${DIR_ENV} or {default_dir()})")
+                   f"(default {_DIR_DEFAULT})")
 
 
 def _filter_args(p: argparse.ArgumentParser) -> None:
@@ -107,7 +110,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from isovisor.security.audit.segments import PUBLIC_KEY_NAME
     from isovisor.security.audit.verify import Status
 
-    target: Path = args.dir or default_dir()
+    target: Path = args.dir or _default_dir()
     anchors = [Anchor(*_parse_anchor(a)) for a in args.anchor]
     from_log_dir = args.key is None
     key_path: Path = args.key or (target if target.is_dir() else target.parent) / PUBLIC_KEY_NAME
@@ -143,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from isovisor.security.audit import AuditError
     from isovisor.security.audit.export import export
 
-    target: Path = args.dir or default_dir()
+    target: Path = args.dir or _default_dir()
     try:
         if args.out is None:
             stats = export(target, sys.stdout.buffer, kind=args.kind, since=args.since)
@@ -167,7 +170,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     if args.tail < 0:
         raise CliError("--tail must be 0 or more")
-    target: Path = args.dir or default_dir()
+    target: Path = args.dir or _default_dir()
     stats = ReadStats()
     rows: deque[tuple[str, str, str, str]] = deque(maxlen=args.tail or None)
     try:
@@ -191,6 +194,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from isovisor.security.audit import AuditError, generate_key
     from isovisor.security.audit.keys import public_key_path
+    from isovisor.security.audit.paths import default_key
 
     path: Path = args.key or default_key()
     try:
@@ -201,6 +205,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         raise CliError(f"cannot create the audit key at {path}: {exc.strerror}") from None
     print(f"audit key {key.key_id}: private {path}, public {public_key_path(path)}")
     return 0
+
+
+def _default_dir() -> Path:
+    from isovisor.security.audit.paths import default_dir
+
+    return default_dir()
 
 
 def _warn_unread(damaged: int, partial: int) -> None:

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from isovisor.security.audit import Anchor, AuditSigningKey, Status, verify_log
-from isovisor.security.audit.entry import canonical, sha256_hex
+from isovisor.security.audit.entry import SIGNATURE_CONTEXT, canonical, sha256_hex
 from isovisor.security.audit.segments import list_segments
-from tests.security.audit.conftest import Copy, line_of_offset, lines_of, write_log
+from tests.security.audit.helpers import Copy, line_of_offset, lines_of, write_log
 
 
 def join(lines: list[bytes]) -> bytes:
@@ -97,12 +97,12 @@ def test_inserting_a_forged_record_is_detected_at_the_forgery(copy: Copy,
                                                                small_log: bytes) -> None:
     lines = lines_of(small_log)
     for i in range(len(lines) - 1):
-        report = copy.verify(join(lines[:i + 1] + [forged_after(lines, i)] + lines[i + 1:]))
+        report = copy.verify(join([*lines[:i + 1], forged_after(lines, i), *lines[i + 1:]]))
         assert report.status is Status.TAMPERED, (i, report.lines())
         assert report.bad is not None and report.bad.location.line == i + 2, \
             (i, report.lines())
     # After the closing checkpoint, a forgery is just an unsigned tail, and said to be.
-    report = copy.verify(join(lines + [forged_after(lines, len(lines) - 1)]))
+    report = copy.verify(join([*lines, forged_after(lines, len(lines) - 1)]))
     assert report.status is Status.UNPROVEN
     assert any("not signed" in u for u in report.unproven)
 
@@ -113,7 +113,7 @@ def test_rewriting_the_chain_after_a_forgery_fails_at_the_next_checkpoint(
     signature can catch that, and it does."""
     lines = lines_of(small_log)
     i = 2  # after the genesis checkpoint and the audit.opened record
-    out = lines[:i + 1] + [forged_after(lines, i)]
+    out = [*lines[:i + 1], forged_after(lines, i)]
     checkpoint_line = None
     for line in lines[i + 1:]:
         obj = json.loads(line)
@@ -133,9 +133,8 @@ def test_a_checkpoint_signed_with_another_key_is_detected(copy: Copy, small_log:
     other = AuditSigningKey.generate()
     obj = json.loads(lines[-1])
     del obj["sig"]
-    from isovisor.security.audit.entry import SIGNATURE_CONTEXT
     obj["sig"] = base64.b64encode(other.sign(SIGNATURE_CONTEXT + canonical(obj))).decode()
-    report = copy.verify(join(lines[:-1] + [canonical(obj)]))
+    report = copy.verify(join([*lines[:-1], canonical(obj)]))
     assert report.status is Status.TAMPERED
     assert report.bad is not None and report.bad.location.line == len(lines)
 
@@ -173,14 +172,10 @@ def test_a_cut_line_followed_by_more_is_tampering(copy: Copy, small_log: bytes) 
 
 
 def test_wrong_key_says_so(copy: Copy, small_log: bytes) -> None:
-    report = verify_log_with(copy, small_log, AuditSigningKey.generate())
+    copy.put(small_log)
+    report = verify_log(copy.dir, AuditSigningKey.generate().public_key)
     assert report.status is Status.TAMPERED
     assert report.bad is not None and "wrong key" in report.bad.message
-
-
-def verify_log_with(copy: Copy, data: bytes, key: AuditSigningKey):  # type: ignore[no-untyped-def]
-    copy.put(data)
-    return verify_log(copy.dir, key.public_key)
 
 
 @pytest.fixture(scope="module")
