@@ -14,6 +14,11 @@ from isovisor.devices.legacy.rtc import CmosRtc
 from isovisor.devices.legacy.serial_input import SerialInput
 from isovisor.devices.legacy.serial_output import SerialOutput
 from isovisor.devices.legacy.uart import REGISTER_COUNT, Uart16550
+from isovisor.devices.ratelimit import RateLimiter
+from isovisor.devices.virtio.device import VirtioDevice
+from isovisor.devices.virtio.mmio import VirtioMmioTransport
+from isovisor.devices.virtio.rng import VirtioRng
+from isovisor.devices.virtio.slots import MAX_DEVICES, attach_virtio_mmio, virtio_mmio_slot
 from isovisor.kvm import Kvm
 from isovisor.kvm import constants as c
 from isovisor.memory.layout import MiB
@@ -63,6 +68,9 @@ class VmSpec:
     # What feeds COM1: "none", "stdin", "fd:N" (an open host fd) or "unix:PATH" (connect
     # to a listening Unix stream socket).
     serial_input: str = "none"
+    # virtio devices, in the order they get MMIO slots (and ACPI devices)
+    rng: bool = False
+    rng_limiter: RateLimiter | None = None
 
 
 def _read_image(path: Path, what: str, limit: int) -> bytes:
@@ -95,7 +103,9 @@ class Machine:
         self.serial_input: SerialInput | None = None
         try:
             self._add_legacy_devices()
+            self.virtio: list[VirtioMmioTransport] = []
             self.virtio_slots: list[VirtioMmioSlot] = []
+            self._add_virtio_devices()
             self.rsdp = write_acpi_tables(self.vm.mem, spec.vcpus, self.virtio_slots)
             self.boot: BootEntry = load_kernel(
                 self.vm.mem, kernel, cmdline=spec.cmdline, initrd=initrd,
@@ -137,6 +147,21 @@ class Machine:
         vm.pio.register(I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042-command")
         self.rtc = CmosRtc(memory_size=self.spec.memory)
         vm.pio.register(RTC_INDEX_PORT, 2, self.rtc, "cmos-rtc")
+
+    def _add_virtio_devices(self) -> None:
+        """One virtio-mmio slot per device, in a fixed order: rng first (more to come)."""
+        if self.spec.rng:
+            self._attach(VirtioRng(self.vm.security_events, rate_limiter=self.spec.rng_limiter))
+
+    def _attach(self, device: VirtioDevice) -> VirtioMmioTransport:
+        n = len(self.virtio)
+        if n >= MAX_DEVICES:
+            raise VmError(f"at most {MAX_DEVICES} virtio devices per VM")
+        slot = virtio_mmio_slot(n)
+        transport = attach_virtio_mmio(self.vm, device, slot)
+        self.virtio.append(transport)
+        self.virtio_slots.append(VirtioMmioSlot(slot.base, slot.size, slot.gsi))
+        return transport
 
     def _guest_reset(self) -> None:
         self.vm.request_stop(StopEvent(StopReason.GUEST_RESET, None, "i8042 reset (0xFE)"))
@@ -214,6 +239,12 @@ class Machine:
     def close(self) -> None:
         if self.serial_input is not None:
             self.serial_input.stop()
+        if self.vm.vcpus and self.vm.stop_event is None:
+            self.vm.stop("VM closed")
+        for v in self.vm.vcpus:
+            v.join(5.0)
+        for transport in getattr(self, "virtio", []):
+            transport.close()  # stops device I/O threads before guest memory goes
         self.vm.close()
         if self._in_socket is not None:
             self._in_socket.close()

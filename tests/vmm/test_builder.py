@@ -68,3 +68,20 @@ def test_linux_boot_gets_the_acpi_rsdp_and_long_mode(kvm: Kvm) -> None:
         assert bsp.get_regs().rsi == BOOT_PARAMS_ADDR
     finally:
         m.close()
+
+
+def test_virtio_devices_get_slots_and_acpi_entries(
+    kvm: Kvm, built_guests: dict[str, Path]
+) -> None:
+    spec = VmSpec(kernel=built_guests["hello"], memory=32 << 20, rng=True,
+                  serial=SerialSpec(target="none"))
+    m = Machine(spec, kvm)
+    try:
+        r = m.vm.mmio.find(0xD000_0000)
+        assert r is not None and r.length == 0x1000
+        assert m.vm.mmio.read(0xD000_0000, 4) == b"virt"  # virtio-mmio MagicValue
+        assert int.from_bytes(m.vm.mmio.read(0xD000_0008, 4), "little") == 4  # entropy device
+        acpi = m.vm.mem.read_exact(0xE0000, 0x2000)
+        assert b"LNRO0005" in acpi
+    finally:
+        m.close()

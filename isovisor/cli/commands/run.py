@@ -67,6 +67,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--serial-input", default=None, metavar="SOURCE",
                      help="what feeds COM1: stdin (default with --serial stdio), "
                      "unix:PATH (connect to a Unix stream socket) or none")
+    run.add_argument("--rng", action="store_true",
+                     help="add a virtio-rng device (entropy from the host's getrandom)")
     run.add_argument("--boot-protocol", choices=["auto", "pvh", "linux"], default="auto",
                      help="auto (default): PVH when the ELF has a PVH note, else Linux")
     run.add_argument("--timeout", type=float, default=None,
@@ -90,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = VmSpec(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, memory=args.memory,
         vcpus=args.vcpus, protocol=args.boot_protocol, serial=serial, serial_input=serial_input,
+        rng=args.rng,
     )
     try:
         kvm = Kvm(os.environ.get("ISOVISOR_KVM_DEVICE", KVM_DEVICE))
