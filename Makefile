@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # reference and benchmark peer, acpica for ACPI table checks, swtpm for the TPM,
 # busybox-static for initramfs, lz4 for extracting the stock kernel.
 APT_PACKAGES := nasm qemu-system-x86 acpica-tools swtpm swtpm-tools busybox-static lz4 \
-                python3-venv
+                python3-venv libseccomp2
 
 GUEST_SRCS := $(wildcard guests/*.asm)
 GUEST_ELFS := $(patsubst guests/%.asm,guests/build/%.elf,$(GUEST_SRCS))

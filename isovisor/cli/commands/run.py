@@ -76,6 +76,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--serial-rate", type=parse_size, default=None,
                      help="cap on guest serial output per second (default 1M)")
     run.add_argument("-v", "--verbose", action="store_true", help="log VMM events to stderr")
+    run.add_argument("--no-jail", action="store_true",
+                     help="DEBUGGING ONLY: run the VM in this process, without the jailed "
+                     "worker (no namespaces, seccomp, cgroups or uid switch); prints a warning")
     run.set_defaults(handler=cmd_run)
 
 
@@ -89,6 +92,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.serial_rate is not None:
         serial = SerialSpec(target=args.serial, rate=float(args.serial_rate))
     serial_input = args.serial_input or ("stdin" if args.serial == "stdio" else "none")
+    if not args.no_jail:  # the default: the VM runs in its own jailed worker process
+        from isovisor.worker.cli_run import run_jailed
+
+        return run_jailed(args, serial_input)
+    from isovisor.worker.cli_run import NO_JAIL_WARNING
+
+    print(NO_JAIL_WARNING, file=sys.stderr)
     spec = VmSpec(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, memory=args.memory,
         vcpus=args.vcpus, protocol=args.boot_protocol, serial=serial, serial_input=serial_input,
