@@ -1,0 +1,75 @@
+"""isovisord's configuration: embedded defaults, optionally overridden by a TOML file
+and then by command-line options.
+
+    state_dir = "/var/lib/isovisor"      # SQLite, images, VM run directories
+    ca_dir = "/var/lib/isovisor/ca"      # the host CA (default: STATE_DIR/ca)
+    listen = "127.0.0.1:8443"            # the only listener: mutual TLS 1.3
+    server_names = ["localhost"]         # DNS names in the server certificate
+    bootstrap_admin = "admin"            # made Host Admin at / on start (optional)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE_DIR = Path("/var/lib/isovisor")
+DEFAULT_LISTEN = "127.0.0.1:8443"
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path = DEFAULT_STATE_DIR
+    ca_dir: Path | None = None
+    listen: str = DEFAULT_LISTEN
+    server_names: tuple[str, ...] = ("localhost",)
+    bootstrap_admin: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.ca_dir if self.ca_dir is not None else self.state_dir / "ca"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"listen {self.listen!r} is not HOST:PORT")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    @classmethod
+    def load(cls, path: Path | None, **overrides: Any) -> DaemonConfig:
+        config = cls()
+        if path is not None:
+            try:
+                data = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read {path}: {exc}") from exc
+            known = {"state_dir", "ca_dir", "listen", "server_names", "bootstrap_admin"}
+            unknown = set(data) - known
+            if unknown:
+                raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+            config = cls._apply(config, data)
+        return cls._apply(config, {k: v for k, v in overrides.items() if v is not None})
+
+    @staticmethod
+    def _apply(config: DaemonConfig, data: dict[str, Any]) -> DaemonConfig:
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("state_dir", "ca_dir"):
+                values[key] = Path(value)
+            elif key == "server_names":
+                values[key] = tuple(value)
+            else:
+                values[key] = value
+        return replace(config, **values)

@@ -1,0 +1,182 @@
+"""isovisord: `python -m isovisor.host.daemon` or `isovisor daemon run`.
+
+Start-up: load or create the host CA, issue the server certificate if missing, re-sign
+the CRL, open the state (migrations), reconcile with the VMs that survived a restart,
+optionally make a bootstrap principal Host Admin (issuing its certificate once), then
+serve the API over mutual TLS only. SIGTERM/SIGINT stop the API; running VMs keep
+running and are re-adopted by the next start."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from isovisor.api.app import Api, create_app
+from isovisor.api.pipeline import RequestObserver
+from isovisor.api.server import ApiServer, SecurityEventHook, TlsFiles
+from isovisor.host.config import ConfigError, DaemonConfig
+from isovisor.host.lifecycle import LifecycleObserver
+from isovisor.host.runner import VmRunner
+from isovisor.host.service import HostService
+from isovisor.security.pki import CertificateAuthority, PkiError
+from isovisor.security.pki.files import PRIVATE_MODE, PUBLIC_MODE, write_atomic
+
+log = logging.getLogger("isovisord")
+CRL_REFRESH_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class AdminCredentials:
+    name: str
+    cert: Path
+    key: Path
+
+
+def ensure_server_cert(ca: CertificateAuthority, config: DaemonConfig) -> tuple[Path, Path]:
+    config.tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert, key = config.tls_dir / "server.crt", config.tls_dir / "server.key"
+    if not (cert.exists() and key.exists()):
+        host, _port = config.host_port
+        ips = {"127.0.0.1"}
+        with contextlib.suppress(ValueError):
+            ips.add(str(ipaddress.ip_address(host)))
+        issued = ca.issue("isovisord", server=True, dns_names=list(config.server_names),
+                          ip_addresses=sorted(ips))
+        write_atomic(key, issued.key_pem, PRIVATE_MODE)
+        write_atomic(cert, issued.cert_pem, PUBLIC_MODE)
+    return cert, key
+
+
+def ensure_admin(ca: CertificateAuthority, service: HostService, config: DaemonConfig,
+                 name: str) -> AdminCredentials:
+    """Host Admin at / for `name`; its certificate is issued once into STATE/admin/."""
+    d = config.state_dir / "admin"
+    d.mkdir(exist_ok=True, mode=0o700)
+    cert, key = d / f"{name}.crt", d / f"{name}.key"
+    if not (cert.exists() and key.exists()):
+        issued = ca.issue(name)
+        write_atomic(key, issued.key_pem, PRIVATE_MODE)
+        write_atomic(cert, issued.cert_pem, PUBLIC_MODE)
+    service.bootstrap_admin(name)
+    return AdminCredentials(name, cert, key)
+
+
+class Daemon:
+    """The wired daemon; `start` returns once the API listens, `stop` ends it (not VMs)."""
+
+    def __init__(self, config: DaemonConfig, runner: VmRunner | None = None,
+                 on_security_event: SecurityEventHook | None = None) -> None:
+        self.config = config
+        self.ca = CertificateAuthority.load_or_init(config.ca_path)
+        self.ca.refresh_crl()
+        cert, key = ensure_server_cert(self.ca, config)
+        self.tls = TlsFiles(self.ca.cert_path, self.ca.crl_path, cert, key)
+        self.service = HostService(config.state_dir, runner=runner)
+        self.reconciled = self.service.open()
+        self.admin = (ensure_admin(self.ca, self.service, config, config.bootstrap_admin)
+                      if config.bootstrap_admin else None)
+        revocations = self.tls.revocation_list()
+        self.api: Api = create_app(self.service, revocations)
+        host, port = config.host_port
+        self.server = ApiServer(self.api, self.tls, revocations, host=host, port=port,
+                                on_security_event=on_security_event)
+        self._stop = threading.Event()
+        self._crl_thread: threading.Thread | None = None
+
+    # The two hook points for the audit log (see docs/API.md).
+    def add_request_observer(self, observer: RequestObserver) -> None:
+        self.api.add_request_observer(observer)
+
+    def add_lifecycle_observer(self, observer: LifecycleObserver) -> None:
+        self.service.lifecycle.observers.append(observer)
+
+    @property
+    def endpoint(self) -> str:
+        host, _ = self.config.host_port
+        name = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
+        return f"https://{name}:{self.server.port}"
+
+    def start(self) -> None:
+        self.server.start()
+        self._crl_thread = threading.Thread(target=self._refresh_crl, name="crl-refresh",
+                                            daemon=True)
+        self._crl_thread.start()
+
+    def _refresh_crl(self) -> None:
+        while not self._stop.wait(CRL_REFRESH_SECONDS):
+            try:
+                self.ca.refresh_crl()
+            except (OSError, PkiError):
+                log.exception("cannot re-sign the CRL")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.stop()
+        self.service.close()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="isovisord", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="daemon config file (TOML)")
+    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/isovisor)")
+    p.add_argument("--ca-dir", type=Path, help="CA directory (default STATE_DIR/ca)")
+    p.add_argument("--listen", help="HOST:PORT for the mutual-TLS API (default 127.0.0.1:8443)")
+    p.add_argument("--bootstrap-admin", metavar="NAME",
+                   help="make NAME Host Admin at / (its certificate goes to STATE_DIR/admin/)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = DaemonConfig.load(args.config, state_dir=args.state_dir, ca_dir=args.ca_dir,
+                                   listen=args.listen, bootstrap_admin=args.bootstrap_admin)
+        daemon = Daemon(config)
+    except (ConfigError, PkiError, OSError) as exc:
+        print(f"isovisord: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.start()
+    except (RuntimeError, OSError) as exc:
+        print(f"isovisord: {exc}", file=sys.stderr)
+        daemon.service.close()
+        return 1
+    print(f"isovisord: listening on {daemon.endpoint} (mutual TLS 1.3); state in "
+          f"{config.state_dir}; {len(daemon.reconciled)} VM(s) reconciled", flush=True)
+    if daemon.admin is not None:
+        print(f"isovisord: Host Admin {daemon.admin.name!r}: cert {daemon.admin.cert}, "
+              f"key {daemon.admin.key}, CA {daemon.ca.cert_path}", flush=True)
+    stop.wait()
+    daemon.stop()
+    print("isovisord: stopped (VMs keep running)", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="isovisord: %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
