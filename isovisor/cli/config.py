@@ -21,10 +21,12 @@ import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from isovisor.api.client import ApiClient, ApiError, ApiUnreachableError, ClientConfig
 from isovisor.cli.errors import CliError
+
+if TYPE_CHECKING:  # the API client pulls in httpx: imported only when a command runs
+    from isovisor.api.client import ApiClient, ClientConfig
 
 DEFAULT_ENDPOINT = "https://localhost:8443"
 
@@ -72,6 +74,8 @@ def load_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
+    from isovisor.api.client import ClientConfig
+
     s = load_settings(args)
     missing = [k for k in ("ca", "cert", "key") if not s.get(k)]
     if missing:
@@ -94,6 +98,8 @@ def tenant_of(args: argparse.Namespace) -> str:
 @contextmanager
 def api(args: argparse.Namespace) -> Iterator[ApiClient]:
     """An API client for a command; API and connection errors become one-line CliErrors."""
+    from isovisor.api.client import ApiClient, ApiError, ApiUnreachableError
+
     try:
         with ApiClient(client_config(args)) as client:
             yield client

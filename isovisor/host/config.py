@@ -10,6 +10,7 @@ and then by command-line options.
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,3 +74,13 @@ class DaemonConfig:
             else:
                 values[key] = value
         return replace(config, **values)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="daemon config file (TOML)")
+    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/isovisor)")
+    p.add_argument("--ca-dir", type=Path, help="CA directory (default STATE_DIR/ca)")
+    p.add_argument("--listen", help="HOST:PORT for the mutual-TLS API (default 127.0.0.1:8443)")
+    p.add_argument("--bootstrap-admin", metavar="NAME",
+                   help="make NAME Host Admin at / (its certificate goes to STATE_DIR/admin/)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

@@ -22,7 +22,7 @@ from types import FrameType
 from isovisor.api.app import Api, create_app
 from isovisor.api.pipeline import RequestObserver
 from isovisor.api.server import ApiServer, SecurityEventHook, TlsFiles
-from isovisor.host.config import ConfigError, DaemonConfig
+from isovisor.host.config import ConfigError, DaemonConfig, add_arguments
 from isovisor.host.lifecycle import LifecycleObserver
 from isovisor.host.runner import VmRunner
 from isovisor.host.service import HostService
@@ -127,16 +127,6 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="isovisord", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return p
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="daemon config file (TOML)")
-    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/isovisor)")
-    p.add_argument("--ca-dir", type=Path, help="CA directory (default STATE_DIR/ca)")
-    p.add_argument("--listen", help="HOST:PORT for the mutual-TLS API (default 127.0.0.1:8443)")
-    p.add_argument("--bootstrap-admin", metavar="NAME",
-                   help="make NAME Host Admin at / (its certificate goes to STATE_DIR/admin/)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
 
 def run(args: argparse.Namespace) -> int:
