@@ -72,15 +72,6 @@ def _read_mem(pid: int) -> bytes:
         os.close(fd)
 
 
-def _walk(top: str, limit: int = 200) -> list[str]:
-    out: list[str] = []
-    for root, dirs, files in os.walk(top):
-        out.extend(os.path.join(root, n) for n in (*dirs, *files))
-        if len(out) >= limit:
-            break
-    return sorted(out)[:limit]
-
-
 def _visible_pids() -> list[int]:
     seen = []
     for pid in range(1, PROBE_MAX_PID + 1):
@@ -102,7 +93,6 @@ def probe(other_pid: int | None = None) -> dict[str, Any]:
         "resgid": list(os.getresgid()),
         "groups": os.getgroups(),
         "hostname": socket.gethostname(),
-        "root": _walk("/"),
         "visible_pids": _visible_pids(),
         "interfaces": [name for _, name in socket.if_nameindex()],
         "cwd": os.getcwd(),
@@ -114,6 +104,7 @@ def probe(other_pid: int | None = None) -> dict[str, Any]:
         "ptrace(ATTACH, 1)": lambda: _ptrace(1),
         "execve /bin/sh": _exec,
         "mkdir /x": lambda: os.mkdir("/x"),
+        "list /": lambda: sorted(os.listdir("/")),
     }
     if other_pid is not None:
         attempts[f"open /proc/{other_pid}/mem"] = lambda: _read_mem(other_pid)
