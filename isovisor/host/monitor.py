@@ -49,7 +49,6 @@ def main(argv: list[str]) -> int:
         for child in children:
             try:
                 child.send_signal(signum)
-                child.send_signal(signal.SIGCONT)  # a paused VM must wake up to stop
             except ProcessLookupError:
                 pass
 

@@ -24,6 +24,7 @@ from isovisor.host import monitor
 from isovisor.host.errors import RunnerError
 
 CONSOLE_LOG = "console.log"
+VM_ID_ENV = "ISOVISOR_VM_ID"  # marks every process of a VM (see vm_pids)
 # How long `start` waits for the monitor to report the VMM's pid.
 SPAWN_TIMEOUT = 10.0
 
@@ -149,7 +150,7 @@ class SubprocessRunner:
                 *self.command(launch, console)]
         env = {k: v for k, v in os.environ.items()
                if k in ("PATH", "LANG", "PYTHONPATH") or k.startswith("ISOVISOR_")}
-        env["ISOVISOR_VM_ID"] = launch.vm_id
+        env[VM_ID_ENV] = launch.vm_id
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=open(run_dir / "monitor.log", "wb"),  # noqa: SIM115
@@ -200,17 +201,40 @@ class SubprocessRunner:
             return False
         return handle.run_dir.encode() in cmdline and monitor.__file__.encode() in cmdline
 
+    def vm_pids(self, handle: VmHandle) -> list[int]:
+        """Every process of the VM but its monitor: the VMM and whatever it started (the
+        jailed worker runs in sessions and PID namespaces of its own, so neither the process
+        tree nor a process group reaches it; the ISOVISOR_VM_ID marker in the environment
+        that every one of them inherits does)."""
+        marker = f"{VM_ID_ENV}={Path(handle.run_dir).name}".encode()
+        pids = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == handle.pid:
+                continue
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    env = f.read()
+            except OSError:
+                continue
+            if marker in env.split(b"\0"):
+                pids.append(int(entry.name))
+        return pids
+
     def pause(self, handle: VmHandle) -> None:
-        self._signal(self._vmm_pid(handle), signal.SIGSTOP)
+        """SIGSTOP every process of the VM: its vCPU threads stop where they are."""
+        for pid in self.vm_pids(handle):
+            self._signal(pid, signal.SIGSTOP)
 
     def resume(self, handle: VmHandle) -> None:
-        self._signal(self._vmm_pid(handle), signal.SIGCONT)
+        for pid in self.vm_pids(handle):
+            self._signal(pid, signal.SIGCONT)
 
     def stop(self, handle: VmHandle, timeout: float) -> None:
         """SIGTERM (the VMM stops its vCPUs and exits 14); SIGKILL after `timeout`."""
         if not self.alive(handle):
             return
         self._signal(handle.pid, signal.SIGTERM)
+        self.resume(handle)  # a paused VM must run to stop cleanly
         if self._wait(handle, timeout):
             return
         self._kill(handle)
@@ -244,19 +268,18 @@ class SubprocessRunner:
         return Path(handle.run_dir) / CONSOLE_LOG
 
     def metrics(self, handle: VmHandle) -> VmMetrics:
+        """CPU time and resident memory summed over the VM's processes."""
         m = VmMetrics()
         with contextlib.suppress(OSError):
             m.console_bytes = self.console_path(handle).stat().st_size
-        pid = self._vmm_pid(handle)
-        if pid is None:
-            return m
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            statm = Path(f"/proc/{pid}/statm").read_text().split()
-        except OSError:
-            return m
-        fields = stat[stat.rindex(")") + 2:].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        m.cpu_seconds = (int(fields[11]) + int(fields[12])) / tick
-        m.rss_bytes = int(statm[1]) * os.sysconf("SC_PAGE_SIZE")
+        tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        for pid in self.vm_pids(handle):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                statm = Path(f"/proc/{pid}/statm").read_text().split()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            m.cpu_seconds += (int(fields[11]) + int(fields[12])) / tick
+            m.rss_bytes += int(statm[1]) * page
         return m
