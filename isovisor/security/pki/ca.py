@@ -269,10 +269,12 @@ class CertificateAuthority:
 
     def _write_crl(self, records: Sequence[IssuedRecord]) -> None:
         now = _now()
-        # lastUpdate must move forward on every re-signing: OpenSSL prefers the CRL with
-        # the latest lastUpdate when a context holds several, and it counts whole seconds.
+        # lastUpdate must move forward on every re-signing (OpenSSL prefers the CRL with
+        # the latest lastUpdate when a context holds several; it counts whole seconds) and
+        # must never be in the future (a CRL not yet valid fails every handshake). Backdated
+        # like certificates, it can advance a second per re-signing and stay in the past.
         previous = self._crl_last_update()
-        last = now.replace(microsecond=0)
+        last = (now - BACKDATE).replace(microsecond=0)
         if previous is not None and last <= previous:
             last = previous + dt.timedelta(seconds=1)
         builder = (

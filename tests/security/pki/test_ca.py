@@ -93,3 +93,12 @@ def test_short_validity_and_backdating(ca: CertificateAuthority) -> None:
     old = ca.issue("expired", not_before=start, validity=dt.timedelta(days=1))
     cert = x509.load_pem_x509_certificate(old.cert_pem)
     assert cert.not_valid_after_utc < dt.datetime.now(dt.UTC)
+
+
+def test_crl_is_never_dated_in_the_future(tmp_path: Path) -> None:
+    """A CRL not yet valid would fail every handshake: init and re-sign in one second."""
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    for _ in range(3):
+        ca.refresh_crl()
+    crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl.last_update_utc <= dt.datetime.now(dt.UTC)
