@@ -108,7 +108,9 @@ def test_block_device_size_comes_from_lseek(tmp_path: Path) -> None:
         d.close()
 
 
-def test_short_transfers_resume(mem: GuestMemory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_short_transfers_resume(
+    mem: GuestMemory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     img = make_image(tmp_path / "d.img", 16)
     d = Disk.open(DiskSpec(img))
     real = os.preadv
