@@ -1,8 +1,8 @@
 """The per-VM monitor: `python -m isovisor.host.monitor RUN_DIR -- COMMAND...`.
 
 It starts the VMM process, records its pid, forwards SIGTERM to it, waits, and writes the
-exit status to RUN_DIR/exit.json. It runs in its own session, so it and its VM outlive a
-daemon restart; the restarted daemon re-adopts it and still learns how the VM ended (as
+exit status to RUN_DIR/exit.json. It detaches (double fork, own session), so it and its VM
+outlive a daemon restart; the restarted daemon re-adopts it and still learns how the VM ended (as
 conmon does for containers). It imports nothing of isovisor: it must start fast."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+MONITOR_PID = "monitor.pid"
 CHILD_PID = "vmm.pid"
 EXIT_FILE = "exit.json"
 VMM_LOG = "vmm.log"
@@ -41,6 +42,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m isovisor.host.monitor RUN_DIR -- COMMAND...", file=sys.stderr)
         return 2
     run_dir, command = Path(argv[0]), argv[2:]
+    # Detach: the process that started us exits now, so the monitor is nobody's child
+    # (init reaps it) and the same whether the daemon that started it still runs or not.
+    pid = os.fork()
+    if pid:
+        _write_atomic(run_dir / MONITOR_PID, str(pid))
+        os._exit(0)
+    os.setsid()
     children: list[subprocess.Popen[bytes]] = []
     stop_requested: list[int] = []
 

@@ -138,7 +138,6 @@ class SubprocessRunner:
         self.run_root = run_root
         self.command = command
         run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self, launch: Launch) -> VmHandle:
         run_dir = self.run_root / launch.vm_id
@@ -152,20 +151,25 @@ class SubprocessRunner:
                if k in ("PATH", "LANG", "PYTHONPATH") or k.startswith("ISOVISOR_")}
         env[VM_ID_ENV] = launch.vm_id
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=open(run_dir / "monitor.log", "wb"),  # noqa: SIM115
-                                    start_new_session=True, close_fds=True, env=env,
-                                    cwd=run_dir)
-        except OSError as exc:
-            raise RunnerError(f"cannot start the VM monitor: {exc.strerror}") from exc
-        self._children[proc.pid] = proc
-        ticks = proc_start_ticks(proc.pid)
-        handle = VmHandle(proc.pid, ticks if ticks is not None else -1, str(run_dir))
+            with open(run_dir / "monitor.log", "wb") as log:
+                status = subprocess.run(argv, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=log,
+                                        start_new_session=True, close_fds=True, env=env,
+                                        cwd=run_dir, timeout=SPAWN_TIMEOUT).returncode
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RunnerError(f"cannot start the VM monitor: {exc}") from exc
+        try:
+            pid = int((run_dir / monitor.MONITOR_PID).read_text())
+        except (OSError, ValueError):
+            raise RunnerError(f"the VM monitor did not start (status {status}; see "
+                              f"{run_dir}/monitor.log)") from None
+        ticks = proc_start_ticks(pid)
+        handle = VmHandle(pid, ticks if ticks is not None else -1, str(run_dir))
         deadline = time.monotonic() + SPAWN_TIMEOUT
         while self._vmm_pid(handle) is None:
-            if proc.poll() is not None:
-                raise RunnerError(f"the VM monitor exited with status {proc.returncode} "
-                                  f"before starting the VMM (see {run_dir}/monitor.log)")
+            if not self.alive(handle):
+                raise RunnerError("the VM monitor exited before starting the VMM (see "
+                                  f"{run_dir}/monitor.log)")
             if time.monotonic() > deadline:
                 self._kill(handle)
                 raise RunnerError("the VM monitor did not start the VMM in time")
@@ -185,9 +189,6 @@ class SubprocessRunner:
             os.kill(pid, sig)
 
     def alive(self, handle: VmHandle) -> bool:
-        proc = self._children.get(handle.pid)
-        if proc is not None:
-            return proc.poll() is None
         return proc_start_ticks(handle.pid) == handle.start_ticks
 
     def adopt(self, handle: VmHandle) -> bool:
@@ -254,9 +255,6 @@ class SubprocessRunner:
         return True
 
     def exit_info(self, handle: VmHandle) -> VmExit:
-        proc = self._children.pop(handle.pid, None)
-        if proc is not None:
-            proc.poll()
         try:
             status = json.loads((Path(handle.run_dir) / monitor.EXIT_FILE).read_text())
             code: int | None = int(status["returncode"])
