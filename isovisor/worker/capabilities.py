@@ -51,10 +51,10 @@ def _capget() -> tuple[int, int, int]:
     # SAFETY: version 3 takes a header and an array of two data structs, both live here.
     if libc.libc().capget(ctypes.byref(hdr), data) != 0:
         raise OSError(ctypes.get_errno(), "capget")
-    join = lambda a, b: a | (b << 32)  # noqa: E731
-    return (join(data[0].effective, data[1].effective),
-            join(data[0].permitted, data[1].permitted),
-            join(data[0].inheritable, data[1].inheritable))
+    lo, hi = data[0], data[1]
+    return (int(lo.effective) | int(hi.effective) << 32,
+            int(lo.permitted) | int(hi.permitted) << 32,
+            int(lo.inheritable) | int(hi.inheritable) << 32)
 
 
 def _capset_zero() -> None:

@@ -169,8 +169,7 @@ def _stale_cleanup(path: Path) -> None:
         path.rmdir()
 
 
-def _setup_v1(layout: Layout, name: str, lim: CgroupLimits) -> list[Path]:
-    dirs = []
+def _setup_v1(layout: Layout, name: str, lim: CgroupLimits, dirs: list[Path]) -> None:
     for c in V1_CONTROLLERS:
         if c not in layout.v1:
             raise JailError("cgroups", f"the cgroup v1 controller {c} is not mounted")
@@ -179,7 +178,7 @@ def _setup_v1(layout: Layout, name: str, lim: CgroupLimits) -> list[Path]:
         if c == "cpuset":
             # A new v1 cpuset starts empty: inherit the parent's CPUs and memory nodes.
             for key in ("cpuset.cpus", "cpuset.mems"):
-                if not _read(parent / key):
+                if not (parent / key).exists() or not _read(parent / key):
                     _write(parent / key, _read(layout.v1[c] / key))
         d = parent / name
         _stale_cleanup(d)
@@ -198,11 +197,10 @@ def _setup_v1(layout: Layout, name: str, lim: CgroupLimits) -> list[Path]:
                 _write(memsw, str(lim.memory_bytes))
         elif c == "pids":
             _write(d / "pids.max", str(lim.pids))
-    return dirs
 
 
 def _setup_v2(root: Path, controllers: frozenset[str], name: str, lim: CgroupLimits,
-              limits_here: bool) -> Path:
+              limits_here: bool, dirs: list[Path]) -> None:
     parent = _parent(root)
     wanted = [c for c in V1_CONTROLLERS if c in controllers] if limits_here else []
     if limits_here:
@@ -215,6 +213,7 @@ def _setup_v2(root: Path, controllers: frozenset[str], name: str, lim: CgroupLim
     d = parent / name
     _stale_cleanup(d)
     _mkdir(d)
+    dirs.append(d)
     if limits_here:
         _write(d / "cpu.max", f"{max(1000, int(lim.cpu_cores * CFS_PERIOD_US))} {CFS_PERIOD_US}")
         cpus = lim.cpuset or _read(parent / "cpuset.cpus.effective")
@@ -222,7 +221,6 @@ def _setup_v2(root: Path, controllers: frozenset[str], name: str, lim: CgroupLim
         _write(d / "memory.max", str(lim.memory_bytes))
         _write(d / "memory.swap.max", "0")
         _write(d / "pids.max", str(lim.pids))
-    return d
 
 
 def create(name: str, limits: CgroupLimits, layout: Layout | None = None) -> VmCgroups:
@@ -232,11 +230,11 @@ def create(name: str, limits: CgroupLimits, layout: Layout | None = None) -> VmC
     made: list[Path] = []
     try:
         if layout.v1:
-            made += _setup_v1(layout, name, limits)
+            _setup_v1(layout, name, limits, made)
             if layout.v2 is not None:
-                made.append(_setup_v2(layout.v2, layout.v2_controllers, name, limits, False))
+                _setup_v2(layout.v2, layout.v2_controllers, name, limits, False, made)
         elif layout.v2 is not None:
-            made.append(_setup_v2(layout.v2, layout.v2_controllers, name, limits, True))
+            _setup_v2(layout.v2, layout.v2_controllers, name, limits, True, made)
         else:
             raise JailError("cgroups", "no cgroup hierarchy is mounted")
     except BaseException:

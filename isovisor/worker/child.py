@@ -60,7 +60,7 @@ from isovisor.worker.config import (
     FD_TARGET,
     WorkerConfig,
 )
-from isovisor.worker.errors import BuildError, JailError
+from isovisor.worker.errors import BuildError, JailError, ProtocolError
 from isovisor.worker.seccomp import threads
 from isovisor.worker.seccomp.install import install
 
@@ -228,7 +228,10 @@ def worker_init(cfg: WorkerConfig, control: socket.socket, facts: HostFacts) -> 
 def control_loop(machine: Machine, control: socket.socket) -> int:
     vm = machine.vm
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    vm.stop_listeners.append(lambda _ev: os.write(wake_w, b"."))
+    def wake(_ev: StopEvent) -> None:
+        os.write(wake_w, b".")
+
+    vm.stop_listeners.append(wake)
 
     def on_signal(signum: int, _frame: object) -> None:
         vm.stop(f"stopped by {signal.Signals(signum).name}")
@@ -270,7 +273,7 @@ def _handle_control(machine: Machine, control: socket.socket) -> None:
     vm = machine.vm
     try:
         msg = protocol.recv(control)
-    except (OSError, protocol.ProtocolError) as exc:
+    except (OSError, ProtocolError) as exc:
         vm.stop(f"control socket failed: {exc}")
         return
     if msg is None:

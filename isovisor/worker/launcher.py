@@ -33,7 +33,7 @@ from isovisor.vmm.builder import MAX_INITRD_BYTES, MAX_KERNEL_BYTES
 from isovisor.vmm.stop import StopReason
 from isovisor.worker import cgroups, protocol, test_hook
 from isovisor.worker.config import WorkerConfig
-from isovisor.worker.errors import BuildError, JailError, WorkerError
+from isovisor.worker.errors import BuildError, JailError, ProtocolError, WorkerError
 from isovisor.worker.ids import DEFAULT_LEASE_DIR, IdAllocator, IdLease
 from isovisor.worker.security_report import SeccompKill, describe_status, explain_sigsys
 from isovisor.worker.zygote import OP_HELLO
@@ -332,7 +332,7 @@ class WorkerHandle:
             return None
         try:
             msg = protocol.recv(self.control)
-        except (OSError, protocol.ProtocolError):
+        except (OSError, ProtocolError):
             msg = None
         if msg is None:
             return protocol.Message("eof")
@@ -360,9 +360,8 @@ class WorkerHandle:
             if msg is None:
                 self.launcher._pump(0)
                 if self.launcher.exit_status_of(self.pid) is not None:
-                    result = self.wait()
                     raise WorkerError(f"worker {self.pid} died during setup: "
-                                      f"{result.describe()}")
+                                      f"{self._finish().describe()}")
                 continue
             if msg.op == protocol.OP_READY:
                 self.report = msg.body
@@ -371,9 +370,13 @@ class WorkerHandle:
                 self.wait()
                 raise _failure(msg)
             if msg.op == "eof":
-                result = self.wait()
                 raise WorkerError(f"worker {self.pid} closed its control socket during "
-                                  f"setup: {result.describe()}")
+                                  f"setup: {self._finish().describe()}")
+
+    def _finish(self) -> WorkerExit:
+        result = self.wait()
+        assert result is not None  # no timeout: wait returns once the process is reaped
+        return result
 
     def stop(self, detail: str = "stop requested by the host") -> None:
         with contextlib.suppress(OSError):

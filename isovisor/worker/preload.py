@@ -81,5 +81,5 @@ def seal() -> None:
     sys.path_importer_cache.clear()
     sys.dont_write_bytecode = True
     linecache.clearcache()
-    linecache.checkcache = _no_check  # type: ignore[assignment]
-    linecache.updatecache = _no_lines  # type: ignore[assignment]
+    linecache.checkcache = _no_check
+    linecache.updatecache = _no_lines

@@ -12,6 +12,7 @@ import pytest
 from isovisor.kvm import Kvm
 from isovisor.worker.launcher import Launcher, LaunchRequest, WorkerHandle
 from isovisor.worker.test_hook import ENABLE_ENV
+from tests.guests.conftest import guest_elfs  # noqa: F401  (the test guests, built once)
 from tests.worker.guests import build_idle_guest
 
 MEMORY = 32 * 1024 * 1024

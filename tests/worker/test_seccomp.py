@@ -10,10 +10,10 @@ import signal
 import pytest
 
 from isovisor.worker.launcher import Launcher, LaunchRequest
-from isovisor.worker.security_report import explain_sigsys
 from isovisor.worker.seccomp import policy
 from isovisor.worker.seccomp.compile import compile_bpf
 from isovisor.worker.seccomp.install import install
+from isovisor.worker.security_report import explain_sigsys
 from tests.worker.conftest import Vms
 
 FORBIDDEN = {

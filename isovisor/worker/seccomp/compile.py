@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-import pyseccomp as sc
+import pyseccomp as sc  # type: ignore[import-untyped]
 
 from isovisor.worker.seccomp.policy import Policy
 
@@ -53,6 +53,6 @@ def describe(policy: Policy) -> str:
 
 def syscall_name(number: int) -> str:
     try:
-        return sc.resolve_syscall(sc.Arch.X86_64, number).decode()
+        return str(sc.resolve_syscall(sc.Arch.X86_64, number).decode())
     except ValueError:
         return f"syscall {number}"
