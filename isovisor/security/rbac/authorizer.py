@@ -1,7 +1,7 @@
 """Decisions: deny by default; 404 (HIDDEN) for what the principal may not know exists.
 
-A resource at scope S is *visible* to a principal that holds any assignment at S, above
-S, or below S (holding a role on a VM reveals that its tenant exists). An invisible
+The root `/` is visible to every principal. A resource at scope S is *visible* to a
+principal that holds any assignment at S, above S, or below S (holding a role on a VM reveals that its tenant exists). An invisible
 resource answers exactly like a missing one. A visible resource whose action no
 assignment at S or above grants answers 403."""
 
@@ -40,6 +40,8 @@ class Authorizer:
         return any(g.scope.contains(scope) and g.role.grants(action) for g in self.grants)
 
     def can_see(self, scope: Scope) -> bool:
+        if not scope.parts:
+            return True  # the root exists for everyone; it reveals nothing
         return any(g.scope.related(scope) for g in self.grants)
 
     def decide(self, action: str, scope: Scope) -> Decision:

@@ -72,7 +72,8 @@ def test_builtin_roles_grant_what_they_say() -> None:
 
 
 def test_deny_by_default_and_hidden() -> None:
-    assert Authorizer("nobody", []).decide(actions.VMS_READ, ROOT) is Decision.HIDDEN
+    assert Authorizer("nobody", []).decide(actions.VMS_READ, ROOT) is Decision.DENY
+    assert Authorizer("nobody", []).decide(actions.VMS_READ, Scope.tenant("a")) is Decision.HIDDEN
     reader_a = Authorizer("r", [Grant(BUILTIN_ROLES["Reader"], Scope.tenant("a"))])
     assert reader_a.decide(actions.VMS_READ, Scope.vm("a", "v")) is Decision.ALLOW
     assert reader_a.decide(actions.VMS_DELETE, Scope.vm("a", "v")) is Decision.DENY
@@ -119,4 +120,4 @@ def test_allow_implies_a_grant_at_or_above(grants: list[tuple[str, Scope]], acti
     if decision is Decision.ALLOW:
         assert any(s.contains(scope) and BUILTIN_ROLES[r].grants(action) for r, s in grants)
     if decision is Decision.HIDDEN:
-        assert not any(s.related(scope) for _, s in grants)
+        assert scope != ROOT and not any(s.related(scope) for _, s in grants)
