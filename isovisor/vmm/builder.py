@@ -15,6 +15,8 @@ from isovisor.devices.legacy.serial_input import SerialInput
 from isovisor.devices.legacy.serial_output import SerialOutput
 from isovisor.devices.legacy.uart import REGISTER_COUNT, Uart16550
 from isovisor.devices.ratelimit import RateLimiter
+from isovisor.devices.virtio.blk import VirtioBlk, open_disk
+from isovisor.devices.virtio.blk_disk import DiskError, DiskSpec
 from isovisor.devices.virtio.device import VirtioDevice
 from isovisor.devices.virtio.mmio import VirtioMmioTransport
 from isovisor.devices.virtio.rng import VirtioRng
@@ -71,6 +73,7 @@ class VmSpec:
     # virtio devices, in the order they get MMIO slots (and ACPI devices)
     rng: bool = False
     rng_limiter: RateLimiter | None = None
+    disks: tuple[DiskSpec, ...] = ()  # virtio-blk, one slot each, after rng
 
 
 def _read_image(path: Path, what: str, limit: int) -> bytes:
@@ -105,6 +108,7 @@ class Machine:
             self._add_legacy_devices()
             self.virtio: list[VirtioMmioTransport] = []
             self.virtio_slots: list[VirtioMmioSlot] = []
+            self.disks: list[VirtioBlk] = []
             self._add_virtio_devices()
             self.rsdp = write_acpi_tables(self.vm.mem, spec.vcpus, self.virtio_slots)
             self.boot: BootEntry = load_kernel(
@@ -152,6 +156,12 @@ class Machine:
         """One virtio-mmio slot per device, in a fixed order: rng first (more to come)."""
         if self.spec.rng:
             self._attach(VirtioRng(self.vm.security_events, rate_limiter=self.spec.rng_limiter))
+        for disk in self.spec.disks:
+            try:
+                self.disks.append(open_disk(disk, self.vm.security_events))
+            except DiskError as exc:
+                raise VmError(str(exc)) from None
+            self._attach(self.disks[-1])
 
     def _attach(self, device: VirtioDevice) -> VirtioMmioTransport:
         n = len(self.virtio)
@@ -245,6 +255,8 @@ class Machine:
             v.join(5.0)
         for transport in getattr(self, "virtio", []):
             transport.close()  # stops device I/O threads before guest memory goes
+        for blk in getattr(self, "disks", []):
+            blk.close()  # closes the image (and drops its lock)
         self.vm.close()
         if self._in_socket is not None:
             self._in_socket.close()

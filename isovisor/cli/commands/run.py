@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from isovisor.cli.disk_option import SYNTAX as DISK_SYNTAX
+from isovisor.cli.disk_option import parse_disk_option
 from isovisor.cli.errors import EXIT_ERROR, EXIT_USAGE
 from isovisor.kvm import KvmError
 from isovisor.kvm.system import KVM_DEVICE
@@ -69,6 +71,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      "unix:PATH (connect to a Unix stream socket) or none")
     run.add_argument("--rng", action="store_true",
                      help="add a virtio-rng device (entropy from the host's getrandom)")
+    run.add_argument("--disk", action="append", default=[], type=parse_disk_option,
+                     metavar=DISK_SYNTAX,
+                     help="add a virtio-blk device over a raw image (repeatable; vda, vdb, "
+                     "... in order); readonly, direct (O_DIRECT), serial=ID, rate limits "
+                     "bw=RATE (bytes/s, e.g. 10M) and iops=N (requests/s)")
     run.add_argument("--boot-protocol", choices=["auto", "pvh", "linux"], default="auto",
                      help="auto (default): PVH when the ELF has a PVH note, else Linux")
     run.add_argument("--timeout", type=float, default=None,
@@ -92,6 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.serial_rate is not None:
         serial = SerialSpec(target=args.serial, rate=float(args.serial_rate))
     serial_input = args.serial_input or ("stdin" if args.serial == "stdio" else "none")
+    if args.disk and not args.no_jail:
+        print("isovisor: --disk needs --no-jail for now: the jailed worker does not take "
+              "disk images yet", file=sys.stderr)
+        return EXIT_USAGE
     if not args.no_jail:  # the default: the VM runs in its own jailed worker process
         from isovisor.worker.cli_run import run_jailed
 
@@ -102,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = VmSpec(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, memory=args.memory,
         vcpus=args.vcpus, protocol=args.boot_protocol, serial=serial, serial_input=serial_input,
-        rng=args.rng,
+        rng=args.rng, disks=tuple(args.disk),
     )
     try:
         kvm = Kvm(os.environ.get("ISOVISOR_KVM_DEVICE", KVM_DEVICE))

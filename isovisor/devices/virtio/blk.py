@@ -288,7 +288,10 @@ class VirtioBlk(VirtioDevice):
 def open_disk(
     spec: DiskSpec, events: SecurityEventSink, rate_limiter: RateLimiter | None = None
 ) -> VirtioBlk:
-    """Open `spec`'s image and wrap it in a device (DiskError names the path on failure)."""
+    """Open `spec`'s image and wrap it in a device (DiskError names the path on failure).
+    Without `rate_limiter`, the spec's bandwidth and ops limits (if any) make one."""
+    if rate_limiter is None and (spec.bandwidth is not None or spec.ops is not None):
+        rate_limiter = RateLimiter(spec.bandwidth, spec.ops)
     return VirtioBlk(Disk.open(spec), events, rate_limiter=rate_limiter)
 
 

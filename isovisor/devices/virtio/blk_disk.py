@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from isovisor.devices.ratelimit import BucketSpec
+
 log = logging.getLogger(__name__)
 
 SECTOR_SIZE = 512
@@ -53,12 +55,15 @@ class DiskError(Exception):
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """One `--disk`: a raw image, optionally read-only, O_DIRECT, with a GET_ID serial."""
+    """One `--disk`: a raw image, optionally read-only, O_DIRECT, with a GET_ID serial and
+    rate limits (bytes of data per second, requests per second; None: unlimited)."""
 
     path: Path
     readonly: bool = False
     direct: bool = False
     serial: str | None = None  # at most 20 ASCII characters; None: derived from the inode
+    bandwidth: BucketSpec | None = None
+    ops: BucketSpec | None = None
 
     def __post_init__(self) -> None:
         if self.serial is not None:
