@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from isovisor import __version__
 from isovisor.api import errors
 from isovisor.api.pipeline import RequestObserver, RequestPipeline
-from isovisor.api.routes import access, host, images, tenants, vms
+from isovisor.api.routes import access, audit, host, images, tenants, vms
 from isovisor.host.service import HostService
 from isovisor.security.pki import RevocationList
 
@@ -39,7 +39,7 @@ def create_app(service: HostService, revocations: RevocationList | None) -> Api:
                   docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH)
     app.state.service = service
     errors.install(app)
-    for module in (tenants, vms, images, access, host):
+    for module in (tenants, vms, images, access, host, audit):
         app.include_router(module.router)
     observers: list[RequestObserver] = []
     pipeline = RequestPipeline(app, service.access, revocations, observers,

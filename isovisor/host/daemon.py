@@ -26,6 +26,8 @@ from isovisor.host.config import ConfigError, DaemonConfig, add_arguments
 from isovisor.host.lifecycle import LifecycleObserver
 from isovisor.host.runner import VmRunner
 from isovisor.host.service import HostService
+from isovisor.security.audit import AuditError
+from isovisor.security.audit.hooks import HostAudit
 from isovisor.security.pki import CertificateAuthority, PkiError
 from isovisor.security.pki.files import PRIVATE_MODE, PUBLIC_MODE, write_atomic
 
@@ -79,15 +81,19 @@ class Daemon:
         self.ca.refresh_crl()
         cert, key = ensure_server_cert(self.ca, config)
         self.tls = TlsFiles(self.ca.cert_path, self.ca.crl_path, cert, key)
+        # The audit log opens first and fails closed: no audit, no daemon.
+        self.audit = HostAudit(config.state_dir)
         self.service = HostService(config.state_dir, runner=runner)
+        self.add_lifecycle_observer(self.audit.record_transition)
         self.reconciled = self.service.open()
         self.admin = (ensure_admin(self.ca, self.service, config, config.bootstrap_admin)
                       if config.bootstrap_admin else None)
         revocations = self.tls.revocation_list()
         self.api: Api = create_app(self.service, revocations)
+        self.add_request_observer(self.audit.record_request)
         host, port = config.host_port
         self.server = ApiServer(self.api, self.tls, revocations, host=host, port=port,
-                                on_security_event=on_security_event)
+                                on_security_event=self.audit.security_hook(on_security_event))
         self._stop = threading.Event()
         self._crl_thread: threading.Thread | None = None
 
@@ -121,6 +127,7 @@ class Daemon:
         self._stop.set()
         self.server.stop()
         self.service.close()
+        self.audit.close()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         config = DaemonConfig.load(args.config, state_dir=args.state_dir, ca_dir=args.ca_dir,
                                    listen=args.listen, bootstrap_admin=args.bootstrap_admin)
         daemon = Daemon(config)
-    except (ConfigError, PkiError, OSError) as exc:
+    except (ConfigError, PkiError, OSError, AuditError) as exc:
         print(f"isovisord: {exc}", file=sys.stderr)
         return 1
     stop = threading.Event()

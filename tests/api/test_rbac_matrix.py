@@ -160,6 +160,7 @@ ENDPOINTS: dict[tuple[str, str], tuple[str | None, str, Prepare]] = {
         lambda s, t: Target({"name": _role(s, t)}, query={"scope": f"/tenants/{t}"})),
     ("GET", "/v1/whoami"): (None, "root", lambda s, t: Target({})),
     ("GET", "/v1/host"): ("host/read", "root", lambda s, t: Target({})),
+    ("GET", "/v1/audit"): ("audit/read", "root", lambda s, t: Target({})),
 }
 SUCCESS = {"GET": 200, "POST": 200, "PUT": 200, "DELETE": 204}
 CREATED = {("POST", "/v1/tenants"), ("POST", "/v1/tenants/{tenant}/vms"),

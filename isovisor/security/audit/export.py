@@ -17,7 +17,7 @@ from typing import IO, Any
 from isovisor.security.audit.chain import Location
 from isovisor.security.audit.entry import Entry, EntryType, decode, parse_timestamp
 from isovisor.security.audit.errors import EntryFormatError
-from isovisor.security.audit.segments import iter_lines, log_segments
+from isovisor.security.audit.segments import iter_lines, list_segments, log_segments
 
 
 @dataclass
@@ -94,3 +94,34 @@ def summary(entry: Entry) -> str:
         where = d.get("scope") or d.get("vm") or ""
         return f"{d.get('source')}{' ' + where if where else ''}: {d.get('detail')}"
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def read_page(directory: Path, after_seq: int, limit: int,
+              kind: str | None = None) -> tuple[list[Entry], int | None]:
+    """Up to ``limit`` entries with seq > ``after_seq`` (records of ``kind`` only, if
+    given), and the seq to continue after, or None at the end. Segments wholly before
+    ``after_seq`` are skipped unread. A missing directory is an empty log."""
+    if not directory.is_dir():
+        return [], None
+    segments = list_segments(directory)[0]
+    start = 0
+    for i, seg in enumerate(segments):
+        if seg.first_seq <= after_seq + 1:
+            start = i
+    out: list[Entry] = []
+    for seg in segments[start:]:
+        for raw in iter_lines(seg):
+            if not raw.complete:
+                continue
+            try:
+                entry = decode(raw.data)
+            except EntryFormatError:
+                continue
+            if entry.seq <= after_seq or not matches(entry, kind, None):
+                continue
+            if kind is not None and entry.type is not EntryType.RECORD:
+                continue
+            if len(out) == limit:
+                return out, out[-1].seq
+            out.append(entry)
+    return out, None

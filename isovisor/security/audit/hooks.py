@@ -1,0 +1,179 @@
+"""The audit log of a host daemon: opened beside its state, fed by the daemon's hooks.
+
+`HostAudit` owns the log and turns the daemon's three hook calls into records:
+
+- `record_request(RequestRecord)`: the API pipeline calls it for every request before the
+  first byte of the answer leaves; it returns only once the record is fsynced, and raises
+  if it cannot record (the pipeline then answers 500: nothing is acknowledged unrecorded);
+- `record_transition(LifecycleEvent)`: every VM state change;
+- `security_event(kind, detail, client)`: authentication failures seen by the TLS server,
+  and any other security event the daemon reports.
+
+The daemon's types are matched by shape (the Protocols below), so this layer does not
+import the API or host packages above it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from isovisor.security.audit.keys import load_or_generate_key
+from isovisor.security.audit.log import AuditConfig, AuditLog, Forwarder
+from isovisor.security.audit.recorders import (
+    REQUEST_KIND,
+    SECURITY_QUOTA_REFUSED,
+    VM_LIFECYCLE_KIND,
+    clip,
+    record_security_event,
+)
+
+log = logging.getLogger("isovisor.security.audit")
+
+AUDIT_DIR_NAME = "audit"  # STATE_DIR/audit
+KEY_PATH = Path("keys") / "audit.key"  # STATE_DIR/keys/audit.key
+SecurityEventHook = Callable[[str, str, str], None]
+
+
+class RequestFacts(Protocol):
+    """What the API pipeline reports about one request (isovisor.api.pipeline)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def time(self) -> str: ...
+    @property
+    def client(self) -> str: ...
+    @property
+    def principal(self) -> str | None: ...
+    @property
+    def certificate_serial(self) -> str | None: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def action(self) -> str | None: ...
+    @property
+    def scope(self) -> str | None: ...
+    @property
+    def decision(self) -> str | None: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def error_code(self) -> str | None: ...
+
+
+class TransitionFacts(Protocol):
+    """One VM state change (isovisor.host.lifecycle.LifecycleEvent)."""
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def vm(self) -> str: ...
+    @property
+    def vm_id(self) -> str: ...
+    @property
+    def previous(self) -> object: ...
+    @property
+    def state(self) -> object: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def actor(self) -> str: ...
+    @property
+    def time(self) -> str: ...
+
+
+def _state(value: object, none: str) -> str:
+    if value is None:
+        return none
+    return str(value.value) if isinstance(value, enum.Enum) else str(value)
+
+
+def request_data(r: RequestFacts) -> dict[str, Any]:
+    return {
+        "request_id": clip(r.request_id), "time": clip(r.time), "client": clip(r.client),
+        "principal": clip(r.principal), "certificate_serial": clip(r.certificate_serial),
+        "method": clip(r.method), "path": clip(r.path), "action": clip(r.action),
+        "scope": clip(r.scope), "decision": clip(r.decision), "status": r.status,
+        "outcome": clip(r.outcome), "error_code": clip(r.error_code),
+    }
+
+
+@dataclass(frozen=True)
+class HostAuditConfig:
+    checkpoint_records: int = 256
+    checkpoint_seconds: float = 10.0
+    segment_bytes: int = 8 << 20
+    # Durability of the records of requests that only read (GET and HEAD, answered
+    # without error). True: fsynced before the answer, like every other record. False:
+    # written before the answer (a killed daemon loses nothing) and fsynced within
+    # flush_seconds (a power cut in that window can lose them). Mutations, denials and
+    # failures are always fsynced before the answer.
+    durable_reads: bool = True
+    flush_seconds: float = 0.05
+
+
+class HostAudit:
+    """The daemon's audit log: STATE_DIR/audit, signed with STATE_DIR/keys/audit.key."""
+
+    def __init__(self, state_dir: Path, config: HostAuditConfig | None = None, *,
+                 forwarder: Forwarder | None = None) -> None:
+        cfg = config or HostAuditConfig()
+        self.durable_reads = cfg.durable_reads
+        self.key = load_or_generate_key(state_dir / KEY_PATH)
+        self.log = AuditLog(AuditConfig(
+            state_dir / AUDIT_DIR_NAME, checkpoint_records=cfg.checkpoint_records,
+            checkpoint_seconds=cfg.checkpoint_seconds, segment_bytes=cfg.segment_bytes,
+            flush_seconds=cfg.flush_seconds), self.key, forwarder=forwarder)
+
+    def record_request(self, request: RequestFacts) -> None:
+        """Raises AuditError when the record cannot be made durable: fail closed."""
+        if request.error_code == "QuotaExceeded":
+            record_security_event(
+                self.log, kind=SECURITY_QUOTA_REFUSED, source="api",
+                detail=f"{request.principal} {request.method} {request.path}",
+                scope=request.scope, durable=False)  # fsynced with the request's record
+        read_only = (request.method in ("GET", "HEAD") and request.status < 400)
+        self.log.append(REQUEST_KIND, request_data(request),
+                        durable=self.durable_reads or not read_only)
+
+    def record_transition(self, event: TransitionFacts) -> None:
+        # Not waited for here: a transition made by a request is fsynced with that
+        # request's own record, which follows it in the log; one the daemon observed on
+        # its own (a VM exiting) within flush_seconds.
+        self.log.append(VM_LIFECYCLE_KIND, {
+            "scope": clip(f"/tenants/{event.tenant}/vms/{event.vm}"),
+            "vm_id": clip(event.vm_id), "from": _state(event.previous, "created"),
+            "to": _state(event.state, "deleted"), "reason": clip(event.reason),
+            "actor": clip(event.actor), "time": clip(event.time),
+        }, durable=False)
+
+    def security_event(self, kind: str, detail: str, client: str) -> None:
+        """The ApiServer's security hook; never raises into the server."""
+        try:
+            record_security_event(self.log, kind=kind, source="api",
+                                  detail=f"{detail} (client {client})", durable=False)
+        except Exception:
+            log.exception("security event not audited: %s %s", kind, detail)
+
+    def security_hook(self, then: SecurityEventHook | None = None) -> SecurityEventHook:
+        """`security_event`, followed by another hook if the daemon has one."""
+        if then is None:
+            return self.security_event
+
+        def both(kind: str, detail: str, client: str) -> None:
+            self.security_event(kind, detail, client)
+            then(kind, detail, client)
+
+        return both
+
+    def close(self) -> None:
+        self.log.close()
