@@ -24,6 +24,13 @@ def small_log(tmp_path_factory: pytest.TempPathFactory, key: AuditSigningKey) ->
     return (d / segment_name(0)).read_bytes()
 
 
+@pytest.fixture(scope="session")
+def tiny_log(tmp_path_factory: pytest.TempPathFactory, key: AuditSigningKey) -> bytes:
+    """Every entry type once: genesis, checkpoint, two records, closing checkpoint."""
+    d = write_log(tmp_path_factory.mktemp("tiny") / "log", key, 1)
+    return (d / segment_name(0)).read_bytes()
+
+
 @pytest.fixture
 def copy(tmp_path: Path, key: AuditSigningKey) -> Iterator[Copy]:
     c = Copy(tmp_path, key)
