@@ -165,6 +165,12 @@ class AuditLog:
         return self._log_id
 
     @property
+    def failed(self) -> str | None:
+        """Why the log stopped taking records, or None while it works (for health checks:
+        a daemon can refuse actions up front instead of failing their answers)."""
+        return self._failed
+
+    @property
     def head(self) -> tuple[int, str]:
         with self._lock:
             return self._head.seq, self._head.hash

@@ -125,6 +125,21 @@ def test_api_requests_and_vm_transitions_are_recorded(stack: tuple[Stack, HostAu
     assert any(to == "running" for _, to in moves)
 
 
+def test_a_request_that_cannot_be_recorded_is_not_acknowledged(
+        stack: tuple[Stack, HostAudit], tmp_path: Path) -> None:
+    s, _ = stack
+    s.service.bootstrap_admin("root-admin")
+    dead = HostAudit(tmp_path)
+    dead.close()  # appends now raise AuditUnavailableError
+    s.api.observers.append(dead.record_request)
+    try:
+        with s.client(s.identity("root-admin")) as c:
+            r = c.post("/v1/tenants", json={"name": "unrecorded"})
+    finally:
+        s.api.observers.remove(dead.record_request)
+    assert r.status_code == 500 and "could not be recorded" in r.text
+
+
 # -- the acceptance test: SIGKILL the daemon in a burst of requests ----------------------
 
 ROUNDS = 2
