@@ -446,7 +446,7 @@ class AuditLog:
         if head is None:
             raise AuditCorruptError(f"the audit log's first segment {last.name} is empty")
         discarded, digest = 0, None
-        fd = open_segment_for_append(last.path, create=False)
+        self._fd = fd = open_segment_for_append(last.path, create=False)
         if result.partial is not None:  # a torn write: never acknowledged, cut it off
             discarded = len(result.partial.data)
             digest = sha256_hex(result.partial.data)
@@ -454,7 +454,6 @@ class AuditLog:
             os.fsync(fd)
             log.warning("audit log: discarded %d bytes of an incomplete entry in %s",
                         discarded, last.name)
-        self._fd = fd
         self._segment = last
         self._segment_size = os.fstat(fd).st_size
         self._head = head.entry
