@@ -164,6 +164,7 @@ def build_machine(cfg: WorkerConfig) -> Machine:
         cmdline=cfg.cmdline, memory=cfg.memory, vcpus=cfg.vcpus,
         protocol=cfg.protocol,  # type: ignore[arg-type]
         serial=serial, serial_input="fd:0" if "serial_in" in has else "none",
+        rng=bool(cfg.rng),
     )
     try:
         kvm = Kvm(str(_fd_path("kvm")))

@@ -78,7 +78,7 @@ def run_jailed(args: argparse.Namespace, serial_input: str) -> int:
                 kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                 memory=args.memory, vcpus=args.vcpus, protocol=args.boot_protocol,
                 serial_out_fd=inputs.serial_out(args.serial),
-                serial_in_fd=inputs.serial_in(serial_input),
+                serial_in_fd=inputs.serial_in(serial_input), rng=bool(args.rng),
             )
             if args.serial_rate is not None:
                 req.serial_rate = float(args.serial_rate)
@@ -88,6 +88,9 @@ def run_jailed(args: argparse.Namespace, serial_input: str) -> int:
             return EXIT_ERROR
         except (JailError, WorkerError) as exc:
             print(f"isovisor: the VM did not start: {exc}", file=sys.stderr)
+            if os.geteuid() != 0:
+                print("isovisor: the worker jail needs root (cgroups, uid switch, mounts); "
+                      "--no-jail runs the VM unjailed, for debugging only", file=sys.stderr)
             return EXIT_ERROR
         finally:
             inputs.close()  # the worker has its own copies now

@@ -43,6 +43,7 @@ class WorkerConfig:
     # fd slot name -> index in the message's fd list (absent slot: not provided)
     fd_index: dict[str, int] = field(default_factory=dict)
     test_hook: str | None = None
+    rng: bool = False  # a virtio-rng device (entropy from getrandom(2): no fd needed)
     log_level: int = 30
 
     def to_json(self) -> dict[str, Any]:

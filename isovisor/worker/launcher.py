@@ -64,6 +64,7 @@ class LaunchRequest:
     binds: dict[str, str] = field(default_factory=dict)
     test_hook: str | None = None
     vm_id: str | None = None
+    rng: bool = False
 
 
 @dataclass
@@ -211,6 +212,7 @@ class Launcher:
                 serial_rate=req.serial_rate, serial_total_limit=req.serial_total_limit,
                 cgroup_procs=groups.procs_files, tasks_limit=limits.pids, binds=req.binds,
                 fd_index=fd_index, test_hook=req.test_hook, log_level=self.log_level,
+                rng=req.rng,
             )
             t0 = time.perf_counter()
             with self._lock:

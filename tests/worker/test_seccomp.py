@@ -163,3 +163,61 @@ def test_ioctls_are_restricted_per_role() -> None:
     assert policy.role_for_thread("vcpu0") == "vcpu"
     assert policy.role_for_thread("io-virtio-rng@0xd0000000") == "device-io"
     assert policy.role_for_thread("serial-input") == "device-io"
+
+
+def test_a_device_thread_started_by_a_vcpu_thread_can_do_its_io() -> None:
+    """The role filters stack as they do in a worker: base, then vcpu on the vCPU thread,
+    then device-io on the device thread it starts (DRIVER_OK comes from a vCPU)."""
+    import select
+    import tempfile
+    import threading
+
+    from isovisor.worker.seccomp import threads
+
+    programs = {name: compile_bpf(make()) for name, make in policy.POLICIES.items()}
+    with tempfile.TemporaryFile() as disk:
+        disk.write(b"x" * 4096)
+        disk.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                import ctypes
+
+                ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
+                install(programs["base"], all_threads=True)
+                threads.install_role_hook(programs)
+                ok: list[bool] = []
+
+                def device_io() -> None:
+                    ep = select.epoll()
+                    efd = os.eventfd(0, os.EFD_NONBLOCK)
+                    ep.register(efd, select.EPOLLIN)
+                    os.eventfd_write(efd, 1)
+                    assert ep.poll(1)
+                    assert os.eventfd_read(efd) == 1
+                    assert os.pread(disk.fileno(), 4, 0) == b"xxxx"
+                    os.pwrite(disk.fileno(), b"y", 0)
+                    os.fdatasync(disk.fileno())
+                    os.close(efd)
+                    ep.close()
+                    ok.append(True)
+
+                def vcpu() -> None:
+                    t = threading.Thread(target=device_io, name="io-test")
+                    t.start()
+                    t.join()
+
+                v = threading.Thread(target=vcpu, name="vcpu0")
+                v.start()
+                v.join()
+                os._exit(0 if ok else 2)
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, describe(status)
+
+
+def describe(status: int) -> str:
+    from isovisor.worker.security_report import describe_status
+
+    return describe_status(status)

@@ -24,7 +24,8 @@ AF_UNIX = 1
 CLONE_THREAD = 0x00010000
 SECCOMP_SET_MODE_FILTER = 1
 ENOSYS = 38
-FALLOC_PUNCH = 0x1 | 0x2  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (GuestMemory.close)
+FALLOC_PUNCH = 0x1 | 0x2  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (RAM scrub, discard)
+FALLOC_ZERO = 0x1 | 0x10  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE (blk WRITE_ZEROES)
 F_GETFD, F_SETFD, F_GETFL, F_SETFL = 1, 2, 3, 4
 # The worker is its PID namespace's init: its thread group id is 1 there, so tgkill may
 # reach only its own threads (vCPU kicks).
@@ -83,6 +84,10 @@ def _ioctls(requests: tuple[int, ...]) -> list[Rule]:
     return [Rule("ioctl", ((1, 0xFFFF_FFFF, r & 0xFFFF_FFFF),)) for r in sorted(set(requests))]
 
 
+_FALLOCATE = [Rule("fallocate", ((1, 0xFFFF_FFFF, m),)) for m in (FALLOC_PUNCH, FALLOC_ZERO)]
+# Adding a filter only ever narrows what a thread may do; every role keeps it so a thread
+# it starts (a device thread started by a vCPU thread) can install its own role filter.
+_ADD_FILTER = Rule("seccomp", ((0, 0xFFFF_FFFF, SECCOMP_SET_MODE_FILTER),))
 _TGKILL = Rule("tgkill", ((0, 0xFFFF_FFFF, OWN_TGID),))
 _CLONE_THREAD = Rule("clone", ((0, CLONE_THREAD, CLONE_THREAD),))
 _FCNTL = [Rule("fcntl", ((1, 0xFFFF_FFFF, cmd),)) for cmd in (F_GETFD, F_SETFD, F_GETFL,
@@ -96,22 +101,23 @@ def base() -> Policy:
                    "exit_group", "getrandom", "getuid", "geteuid", "getgid", "getegid",
                    "rt_sigaction")
     rules += [_TGKILL, _CLONE_THREAD, *_FCNTL,
-              Rule("socket", ((0, 0xFFFF_FFFF, AF_UNIX),)),
-              Rule("fallocate", ((1, 0xFFFF_FFFF, FALLOC_PUNCH),)),
-              Rule("seccomp", ((0, 0xFFFF_FFFF, SECCOMP_SET_MODE_FILTER),))]
+              Rule("socket", ((0, 0xFFFF_FFFF, AF_UNIX),)), *_FALLOCATE,
+              _ADD_FILTER]
     rules += _ioctls(VCPU_IOCTLS + DEVICE_IOCTLS + TAP_IOCTLS + FD_IOCTLS)
     return Policy("base", tuple(rules), enosys=("clone3",))
 
 
 def vcpu() -> Policy:
     rules = _plain(*MEMORY, *THREADS, *TIME, *IO, *BLOCK_IO, *POLL, "getrandom")
-    rules += [_TGKILL, _CLONE_THREAD, *_FCNTL, *_ioctls(VCPU_IOCTLS + TAP_IOCTLS + FD_IOCTLS)]
+    rules += [_TGKILL, _CLONE_THREAD, _ADD_FILTER, *_FCNTL, *_FALLOCATE,
+              *_ioctls(VCPU_IOCTLS + TAP_IOCTLS + FD_IOCTLS)]
     return Policy("vcpu", tuple(rules), enosys=("clone3",))
 
 
 def device_io() -> Policy:
     rules = _plain(*MEMORY, *THREADS, *TIME, *IO, *BLOCK_IO, *POLL, "getrandom")
-    rules += [_TGKILL, *_FCNTL, *_ioctls(DEVICE_IOCTLS + TAP_IOCTLS + FD_IOCTLS)]
+    rules += [_TGKILL, _ADD_FILTER, *_FCNTL, *_FALLOCATE,
+              *_ioctls(DEVICE_IOCTLS + TAP_IOCTLS + FD_IOCTLS)]
     return Policy("device-io", tuple(rules))
 
 
