@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from isovisor.devices.tap import TUNSETOFFLOAD
 from isovisor.kvm import constants as k
 
 AF_UNIX = 1
@@ -42,9 +43,9 @@ VCPU_IOCTLS = (
     k.KVM_IRQ_LINE,
 )
 DEVICE_IOCTLS = (k.KVM_IRQ_LINE,)
-# TAP requests used at run time: none yet (the host configures TAP devices before it
-# hands the fd over). The net device adds what it really issues here, no more.
-TAP_IOCTLS: tuple[int, ...] = ()
+# TAP requests used at run time: only TUNSETOFFLOAD (virtio-net mirrors the offloads the
+# guest negotiated at DRIVER_OK). TUNSETIFF and TUNSETVNETHDRSZ happen before the jail.
+TAP_IOCTLS: tuple[int, ...] = (TUNSETOFFLOAD,)
 
 MEMORY = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")
 THREADS = ("futex", "set_robust_list", "rseq", "sched_yield", "gettid", "getpid",
