@@ -19,6 +19,8 @@ from isovisor.devices.virtio.blk import VirtioBlk, open_disk
 from isovisor.devices.virtio.blk_disk import DiskError, DiskSpec
 from isovisor.devices.virtio.device import VirtioDevice
 from isovisor.devices.virtio.mmio import VirtioMmioTransport
+from isovisor.devices.virtio.net import VirtioNet
+from isovisor.devices.virtio.net_spec import NetError, NetSpec, open_net
 from isovisor.devices.virtio.rng import VirtioRng
 from isovisor.devices.virtio.slots import MAX_DEVICES, attach_virtio_mmio, virtio_mmio_slot
 from isovisor.kvm import Kvm
@@ -74,6 +76,7 @@ class VmSpec:
     rng: bool = False
     rng_limiter: RateLimiter | None = None
     disks: tuple[DiskSpec, ...] = ()  # virtio-blk, one slot each, after rng
+    nets: tuple[NetSpec, ...] = ()  # virtio-net on TAPs, one slot each, after the disks
 
 
 def _read_image(path: Path, what: str, limit: int) -> bytes:
@@ -109,6 +112,7 @@ class Machine:
             self.virtio: list[VirtioMmioTransport] = []
             self.virtio_slots: list[VirtioMmioSlot] = []
             self.disks: list[VirtioBlk] = []
+            self.nets: list[VirtioNet] = []
             self._add_virtio_devices()
             self.rsdp = write_acpi_tables(self.vm.mem, spec.vcpus, self.virtio_slots)
             self.boot: BootEntry = load_kernel(
@@ -162,6 +166,12 @@ class Machine:
             except DiskError as exc:
                 raise VmError(str(exc)) from None
             self._attach(self.disks[-1])
+        for net in self.spec.nets:
+            try:
+                self.nets.append(open_net(net, self.vm.security_events))
+            except NetError as exc:
+                raise VmError(str(exc)) from None
+            self._attach(self.nets[-1])
 
     def _attach(self, device: VirtioDevice) -> VirtioMmioTransport:
         n = len(self.virtio)
@@ -257,6 +267,8 @@ class Machine:
             transport.close()  # stops device I/O threads before guest memory goes
         for blk in getattr(self, "disks", []):
             blk.close()  # closes the image (and drops its lock)
+        for net in getattr(self, "nets", []):
+            net.close()  # closes the TAP
         self.vm.close()
         if self._in_socket is not None:
             self._in_socket.close()

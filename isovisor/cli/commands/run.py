@@ -13,6 +13,8 @@ from types import FrameType
 from isovisor.cli.disk_option import SYNTAX as DISK_SYNTAX
 from isovisor.cli.disk_option import parse_disk_option
 from isovisor.cli.errors import EXIT_ERROR, EXIT_USAGE
+from isovisor.cli.net_option import SYNTAX as NET_SYNTAX
+from isovisor.cli.net_option import net_option
 from isovisor.kvm import KvmError
 from isovisor.kvm.system import KVM_DEVICE
 from isovisor.memory import GuestMemoryError
@@ -76,6 +78,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="add a virtio-blk device over a raw image (repeatable; vda, vdb, "
                      "... in order); readonly, direct (O_DIRECT), serial=ID, rate limits "
                      "bw=RATE (bytes/s, e.g. 10M) and iops=N (requests/s)")
+    run.add_argument("--net", action="append", default=[], type=net_option, metavar=NET_SYNTAX,
+                     help="add a virtio-net device on an existing TAP (repeatable); mac= "
+                     "(default: random, locally administered), rate limits rx-bw/tx-bw=RATE "
+                     "(bytes/s, e.g. 10M) and rx-ops/tx-ops=N (frames/s)")
     run.add_argument("--boot-protocol", choices=["auto", "pvh", "linux"], default="auto",
                      help="auto (default): PVH when the ELF has a PVH note, else Linux")
     run.add_argument("--timeout", type=float, default=None,
@@ -103,6 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("isovisor: --disk needs --no-jail for now: the jailed worker does not take "
               "disk images yet", file=sys.stderr)
         return EXIT_USAGE
+    if args.net and not args.no_jail:
+        print("isovisor: --net needs --no-jail for now: the jailed worker does not take "
+              "TAP devices yet", file=sys.stderr)
+        return EXIT_USAGE
     if not args.no_jail:  # the default: the VM runs in its own jailed worker process
         from isovisor.worker.cli_run import run_jailed
 
@@ -113,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = VmSpec(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, memory=args.memory,
         vcpus=args.vcpus, protocol=args.boot_protocol, serial=serial, serial_input=serial_input,
-        rng=args.rng, disks=tuple(args.disk),
+        rng=args.rng, disks=tuple(args.disk), nets=tuple(args.net),
     )
     try:
         kvm = Kvm(os.environ.get("ISOVISOR_KVM_DEVICE", KVM_DEVICE))
