@@ -224,6 +224,8 @@ class Connection:
         self.flush(now)
 
     def _apply_peer_shutdown(self, now: float) -> None:
+        if self.peer_shutdown & SHUTDOWN_SEND:
+            self.pending &= ~Pending.CREDIT_UPDATE  # it sends no more: credit is moot
         if self.peer_shutdown & SHUTDOWN_RCV:
             self.pending &= ~Pending.RW
             if self.sock is not None and not self.host_eof:
