@@ -23,6 +23,7 @@ from isovisor.devices.virtio.net import VirtioNet
 from isovisor.devices.virtio.net_spec import NetError, NetSpec, open_net
 from isovisor.devices.virtio.rng import VirtioRng
 from isovisor.devices.virtio.slots import MAX_DEVICES, attach_virtio_mmio, virtio_mmio_slot
+from isovisor.devices.virtio.vsock import VirtioVsock, VsockConfigError, VsockSpec, open_vsock
 from isovisor.kvm import Kvm
 from isovisor.kvm import constants as c
 from isovisor.memory.layout import MiB
@@ -77,6 +78,7 @@ class VmSpec:
     rng_limiter: RateLimiter | None = None
     disks: tuple[DiskSpec, ...] = ()  # virtio-blk, one slot each, after rng
     nets: tuple[NetSpec, ...] = ()  # virtio-net on TAPs, one slot each, after the disks
+    vsock: VsockSpec | None = None  # virtio-vsock to host Unix sockets, last
 
 
 def _read_image(path: Path, what: str, limit: int) -> bytes:
@@ -113,6 +115,7 @@ class Machine:
             self.virtio_slots: list[VirtioMmioSlot] = []
             self.disks: list[VirtioBlk] = []
             self.nets: list[VirtioNet] = []
+            self.vsock: VirtioVsock | None = None
             self._add_virtio_devices()
             self.rsdp = write_acpi_tables(self.vm.mem, spec.vcpus, self.virtio_slots)
             self.boot: BootEntry = load_kernel(
@@ -172,6 +175,12 @@ class Machine:
             except NetError as exc:
                 raise VmError(str(exc)) from None
             self._attach(self.nets[-1])
+        if self.spec.vsock is not None:
+            try:
+                self.vsock = open_vsock(self.spec.vsock, self.vm.security_events)
+            except VsockConfigError as exc:
+                raise VmError(str(exc)) from None
+            self._attach(self.vsock)
 
     def _attach(self, device: VirtioDevice) -> VirtioMmioTransport:
         n = len(self.virtio)
@@ -269,6 +278,9 @@ class Machine:
             blk.close()  # closes the image (and drops its lock)
         for net in getattr(self, "nets", []):
             net.close()  # closes the TAP
+        vsock: VirtioVsock | None = getattr(self, "vsock", None)
+        if vsock is not None:
+            vsock.close()  # removes the listening socket
         self.vm.close()
         if self._in_socket is not None:
             self._in_socket.close()
