@@ -15,6 +15,8 @@ from isovisor.cli.disk_option import parse_disk_option
 from isovisor.cli.errors import EXIT_ERROR, EXIT_USAGE
 from isovisor.cli.net_option import SYNTAX as NET_SYNTAX
 from isovisor.cli.net_option import net_option
+from isovisor.cli.vsock_option import SYNTAX as VSOCK_SYNTAX
+from isovisor.cli.vsock_option import vsock_option
 from isovisor.kvm import KvmError
 from isovisor.kvm.system import KVM_DEVICE
 from isovisor.memory import GuestMemoryError
@@ -82,6 +84,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="add a virtio-net device on an existing TAP (repeatable); mac= "
                      "(default: random, locally administered), rate limits rx-bw/tx-bw=RATE "
                      "(bytes/s, e.g. 10M) and rx-ops/tx-ops=N (frames/s)")
+    run.add_argument("--vsock", type=vsock_option, default=None, metavar=VSOCK_SYNTAX,
+                     help="add a virtio-vsock device with guest CID N: host clients connect "
+                     "to the Unix socket PATH and write 'CONNECT <port>\\n'; guest "
+                     "connections to host port P go to PATH_P (docs/VSOCK.md)")
     run.add_argument("--boot-protocol", choices=["auto", "pvh", "linux"], default="auto",
                      help="auto (default): PVH when the ELF has a PVH note, else Linux")
     run.add_argument("--timeout", type=float, default=None,
@@ -113,6 +119,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("isovisor: --net needs --no-jail for now: the jailed worker does not take "
               "TAP devices yet", file=sys.stderr)
         return EXIT_USAGE
+    if args.vsock and not args.no_jail:
+        print("isovisor: --vsock needs --no-jail for now: the jailed worker does not take "
+              "vsock sockets yet", file=sys.stderr)
+        return EXIT_USAGE
     if not args.no_jail:  # the default: the VM runs in its own jailed worker process
         from isovisor.worker.cli_run import run_jailed
 
@@ -123,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = VmSpec(
         kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, memory=args.memory,
         vcpus=args.vcpus, protocol=args.boot_protocol, serial=serial, serial_input=serial_input,
-        rng=args.rng, disks=tuple(args.disk), nets=tuple(args.net),
+        rng=args.rng, disks=tuple(args.disk), nets=tuple(args.net), vsock=args.vsock,
     )
     try:
         kvm = Kvm(os.environ.get("ISOVISOR_KVM_DEVICE", KVM_DEVICE))
