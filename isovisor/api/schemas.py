@@ -19,7 +19,8 @@ class Model(BaseModel):
 
 class QuotaBody(Model):
     max_vcpus: int = Field(ge=0, le=4096)
-    max_memory_mib: int = Field(ge=0, le=16 << 20, alias="maxMemoryMiB")
+    max_memory_mib: int = Field(ge=0, le=16 << 20, validation_alias="maxMemoryMiB",
+                                serialization_alias="maxMemoryMiB")
     max_vms: int = Field(ge=0, le=100_000)
 
     def to_quota(self) -> Quota:
@@ -59,7 +60,8 @@ class VmCreate(Model):
     initrd: str | None = Field(default=None, pattern=NAME)
     cmdline: str = Field(default="", max_length=2048)
     vcpus: int = Field(default=1, ge=1, le=64)
-    memory_mib: int = Field(default=256, ge=16, le=65536, alias="memoryMiB")
+    memory_mib: int = Field(default=256, ge=16, le=65536, validation_alias="memoryMiB",
+                            serialization_alias="memoryMiB")
     start: bool = Field(default=True, description="start the VM once created")
 
 
@@ -68,7 +70,7 @@ class VmOut(Model):
     name: str
     id: str
     vcpus: int
-    memory_mib: int = Field(alias="memoryMiB")
+    memory_mib: int = Field(validation_alias="memoryMiB", serialization_alias="memoryMiB")
     kernel: str
     initrd: str | None
     cmdline: str

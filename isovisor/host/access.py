@@ -140,11 +140,11 @@ class AccessStore:
     def list_assignments(self, within: Scope, limit: int | None, token: str | None,
                          keep: Callable[[RoleAssignment], bool]) -> Page[RoleAssignment]:
         """Assignments at `within` or below it."""
+        query = "SELECT * FROM role_assignments WHERE 1"
+        params: tuple[str, ...] = ()
         if within.parts:
-            query, params = "SELECT * FROM role_assignments WHERE (scope = ? OR scope LIKE ?)", (
-                str(within), f"{within}/%")
-        else:
-            query, params = "SELECT * FROM role_assignments WHERE 1", ()
+            query = "SELECT * FROM role_assignments WHERE (scope = ? OR scope LIKE ?)"
+            params = (str(within), f"{within}/%")
         return paginate(self.db.conn, query, params, "id", RoleAssignment.from_row, limit,
                         token, keep)
 

@@ -62,7 +62,7 @@ class ImageStore:
             raise NotFound(f"image {name!r} not found")
         return Image.from_row(row)
 
-    def list(self, tenant: str, limit: int | None, token: str | None,
+    def page(self, tenant: str, limit: int | None, token: str | None,
              keep: Callable[[Image], bool]) -> Page[Image]:
         return paginate(self.db.conn, "SELECT * FROM images WHERE tenant = ?", (tenant,),
                         "name", Image.from_row, limit, token, keep)

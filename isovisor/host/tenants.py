@@ -54,7 +54,7 @@ class TenantStore:
         return self.db.conn.execute(
             "SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone() is not None
 
-    def list(self, limit: int | None, token: str | None,
+    def page(self, limit: int | None, token: str | None,
              keep: Callable[[Tenant], bool]) -> Page[Tenant]:
         return paginate(self.db.conn, "SELECT * FROM tenants WHERE 1", (), "name",
                         Tenant.from_row, limit, token, keep)

@@ -93,7 +93,7 @@ class VmStore:
         row = self.db.conn.execute("SELECT * FROM vms WHERE id = ?", (vm_id,)).fetchone()
         return None if row is None else Vm.from_row(row)
 
-    def list(self, tenant: str, limit: int | None, token: str | None,
+    def page(self, tenant: str, limit: int | None, token: str | None,
              keep: Callable[[Vm], bool]) -> Page[Vm]:
         return paginate(self.db.conn, "SELECT * FROM vms WHERE tenant = ?", (tenant,), "name",
                         Vm.from_row, limit, token, keep)

@@ -81,14 +81,14 @@ def test_pagination_walks_everything_once(tmp_path: Path) -> None:
         tenants.create(f"t{i}")
     seen, token = [], None
     while True:
-        page = tenants.list(3, token, lambda t: t.name != "t4")
+        page = tenants.page(3, token, lambda t: t.name != "t4")
         seen += [t.name for t in page.items]
         if page.next_token is None:
             break
         token = page.next_token
     assert seen == ["t0", "t1", "t2", "t3", "t5", "t6"]
     with pytest.raises(InvalidRequest):
-        tenants.list(3, "garbage!", lambda t: True)
+        tenants.page(3, "garbage!", lambda t: True)
 
 
 def test_idempotency_replays_and_refuses_another_body(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def list_images(tenant: str, ctx: Ctx, svc: Svc, limit: int | None = Query(None,
                 ) -> ImagePage:
     keep = ctx.authorize_list(actions.IMAGES_READ, Scope.tenant(tenant))
     svc.tenants.get(tenant)
-    page = svc.images.list(tenant, limit, page_token, lambda i: keep(Scope.image(tenant, i.name)))
+    page = svc.images.page(tenant, limit, page_token, lambda i: keep(Scope.image(tenant, i.name)))
     return ImagePage(items=[ImageOut.of(i) for i in page.items], next_page_token=page.next_token)
 
 
@@ -55,7 +55,7 @@ async def put_image(tenant: str, image: str, request: Request, ctx: Ctx, svc: Sv
     await run_in_threadpool(ctx.authorize, actions.IMAGES_WRITE, Scope.tenant(tenant))
     check_name("image", image)
     await run_in_threadpool(svc.tenants.get, tenant)
-    with tempfile.SpooledTemporaryFile(max_size=_SPOOL, dir=svc.state_dir) as spool:
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL, dir=str(svc.state_dir)) as spool:
         size = 0
         async for chunk in request.stream():
             size += len(chunk)

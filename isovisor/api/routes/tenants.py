@@ -22,7 +22,7 @@ def list_tenants(ctx: Ctx, svc: Svc, limit: int | None = Query(None, ge=1, le=20
                  page_token: str | None = Query(None, alias="pageToken", max_length=400)
                  ) -> TenantPage:
     keep = ctx.authorize_list(actions.TENANTS_READ, ROOT)
-    page = svc.tenants.list(limit, page_token, lambda t: keep(Scope.tenant(t.name)))
+    page = svc.tenants.page(limit, page_token, lambda t: keep(Scope.tenant(t.name)))
     return TenantPage(items=[TenantOut.of(t) for t in page.items],
                       next_page_token=page.next_token)
 

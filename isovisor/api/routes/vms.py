@@ -34,7 +34,7 @@ def list_vms(tenant: str, ctx: Ctx, svc: Svc, limit: int | None = Query(None, ge
              page_token: str | None = Query(None, alias="pageToken", max_length=400)) -> VmPage:
     keep = ctx.authorize_list(actions.VMS_READ, Scope.tenant(tenant))
     svc.tenants.get(tenant)
-    page = svc.vms.list(tenant, limit, page_token, lambda v: keep(Scope.vm(tenant, v.name)))
+    page = svc.vms.page(tenant, limit, page_token, lambda v: keep(Scope.vm(tenant, v.name)))
     return VmPage(items=[VmOut.of(v) for v in page.items], next_page_token=page.next_token)
 
 

@@ -1,9 +1,9 @@
 """Decisions: deny by default; 404 (HIDDEN) for what the principal may not know exists.
 
 The root `/` is visible to every principal. A resource at scope S is *visible* to a
-principal that holds any assignment at S, above S, or below S (holding a role on a VM reveals that its tenant exists). An invisible
-resource answers exactly like a missing one. A visible resource whose action no
-assignment at S or above grants answers 403."""
+principal that holds any assignment at S, above S, or below S (holding a role on a VM
+reveals that its tenant exists). An invisible resource answers exactly like a missing
+one. A visible resource whose action no assignment at S or above grants answers 403."""
 
 from __future__ import annotations
 
