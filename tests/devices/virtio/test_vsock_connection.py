@@ -502,6 +502,21 @@ def test_bad_handshakes_are_closed(lenv: Env, line: bytes) -> None:
     assert lenv.listener is not None and lenv.listener.refused == 1
 
 
+def test_a_line_in_pieces_does_not_spin(lenv: Env) -> None:
+    c = client(lenv, b"CONN")
+    r, _, _ = select.select([lenv.poller.fileno()], [], [], 0)
+    assert r == []  # the partial line was consumed: nothing keeps the poller ready
+    c.sendall(b"ECT 80\nafter")
+    lenv.backend()
+    (req,) = lenv.rx()
+    assert Op(req.op) is Op.REQUEST and req.dst_port == 80
+    lenv.tx(hdr(Op.RESPONSE, src_port=80, dst_port=1 << 30, buf_alloc=4096))
+    assert c.recv(32) == b"OK 1073741824\n"
+    lenv.backend()
+    (data,) = lenv.rx()
+    assert data.payload == b"after"  # nothing after the newline was eaten
+
+
 def test_silent_client_times_out(lenv: Env) -> None:
     c = client(lenv, b"CONN")
     assert lenv.mux.next_deadline() is not None

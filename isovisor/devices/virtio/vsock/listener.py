@@ -55,6 +55,7 @@ def bind_listener(path: Path) -> HostListener:
 class Handshake:
     sock: socket.socket
     deadline: float
+    line: bytes = b""  # consumed so far, no newline in it yet
 
 
 class HostListener:
@@ -90,20 +91,24 @@ class HostListener:
     def read_line(self, h: Handshake, poller: Poller) -> int | None:
         """Advance handshake `h`; the guest port once its line is complete (the socket is
         then no longer the listener's), None while waiting or after refusing it."""
+        room = MAX_LINE - len(h.line)
         try:
-            peek = h.sock.recv(MAX_LINE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            peek = h.sock.recv(room, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            end = peek.find(b"\n")
+            # Consume what was peeked (a partial line: level-triggered epoll would report
+            # the bytes again and again), but never past the newline.
+            got = h.sock.recv(len(peek) if end < 0 else end + 1, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
         except OSError:
             self.refuse(h, poller)
             return None
-        end = peek.find(b"\n")
+        h.line += got
         if end < 0:
-            if not peek or len(peek) >= MAX_LINE:
-                self.refuse(h, poller)  # EOF before the line, or no newline in time
+            if not peek or len(h.line) >= MAX_LINE:
+                self.refuse(h, poller)  # EOF before the line, or no newline in MAX_LINE
             return None
-        line = h.sock.recv(end + 1, socket.MSG_DONTWAIT)
-        m = _CONNECT.fullmatch(line)
+        m = _CONNECT.fullmatch(h.line)
         if m is None or int(m.group(1)) > _U32:
             self.refuse(h, poller)
             return None
