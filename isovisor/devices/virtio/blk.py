@@ -24,9 +24,9 @@ from isovisor.devices.events import SecurityEventSink
 from isovisor.devices.ratelimit import KEEP, BucketSpec, Keep, RateLimiter
 from isovisor.devices.virtio.blk_disk import DIRECT_ALIGN, Disk, DiskSpec
 from isovisor.devices.virtio.blk_request import (
+    HEADER_SIZE,
     SECTOR_SIZE,
     BlkRequest,
-    Framing,
     Limits,
     Rejected,
     RequestType,
@@ -43,6 +43,8 @@ from isovisor.devices.virtio.queue import Virtqueue
 from isovisor.memory import GuestMemory
 
 log = logging.getLogger(__name__)
+_IN, _OUT = RequestType.IN, RequestType.OUT
+_SEGMENTED = frozenset({RequestType.DISCARD, RequestType.WRITE_ZEROES})
 
 # --- feature bits (§5.2.3) ---------------------------------------------------------------
 F_SIZE_MAX = 1 << 1
@@ -145,7 +147,8 @@ class VirtioBlk(VirtioDevice):
     def process_queue(self, index: int, queue: Virtqueue) -> bool:
         limits = self.limits
         mem = queue.mem
-        while not self.stopping:
+        stopping = self._stopping.is_set
+        while not stopping():
             if self._pending is not None:
                 head, req = self._pending
                 self._pending = None
@@ -173,14 +176,16 @@ class VirtioBlk(VirtioDevice):
         self, mem: GuestMemory, chain: DescriptorChain, limits: Limits
     ) -> BlkRequest | Rejected:
         """Validate the chain (GuestProtocolError propagates) and parse the request."""
-        framed: Framing | Rejected = frame(chain.descriptors())
-        if isinstance(framed, Rejected):
-            return framed
-        header = b"".join(mem.read_exact(d.addr, d.len) for d in framed.header)
-        req = parse(framed, header, limits)
-        if isinstance(req, Rejected) or req.type not in (
-            RequestType.DISCARD, RequestType.WRITE_ZEROES
-        ):
+        f = frame(chain.descriptors())
+        if isinstance(f, Rejected):
+            return f
+        h = f.header
+        header = (
+            mem.read_exact(h[0].addr, HEADER_SIZE) if len(h) == 1
+            else b"".join(mem.read_exact(d.addr, d.len) for d in h)
+        )
+        req = parse(f, header, limits)
+        if isinstance(req, Rejected) or req.type not in _SEGMENTED:
             return req
         bad = segments_length_ok(req, limits)
         if bad is not None:
@@ -202,19 +207,19 @@ class VirtioBlk(VirtioDevice):
         """Carry out a checked request: (status, data bytes written into the guest)."""
         disk, st, kind = self.disk, self.blk_stats, req.type
         try:
-            if kind is RequestType.IN:
+            if kind is _IN:
                 views = [mem.view(d.addr, d.len) for d in req.data]
                 try:
-                    disk.read_into(views, req.offset, _aligned(req))
+                    disk.read_into(views, req.offset, req.length, disk.direct and _aligned(req))
                 finally:
                     _release(views)
                 st.reads += 1
                 st.bytes_read += req.length
                 return Status.OK, req.length
-            if kind is RequestType.OUT:
+            if kind is _OUT:
                 views = [mem.view(d.addr, d.len) for d in req.data]
                 try:
-                    disk.write_from(views, req.offset, _aligned(req))
+                    disk.write_from(views, req.offset, req.length, disk.direct and _aligned(req))
                 finally:
                     _release(views)
                 self._write_through()
@@ -297,7 +302,7 @@ def open_disk(
 
 def _cost(req: BlkRequest) -> int:
     """Bandwidth tokens a request takes: its data bytes for IN and OUT, none otherwise."""
-    return req.length if req.type in (RequestType.IN, RequestType.OUT) else 0
+    return req.length if req.type is _IN or req.type is _OUT else 0
 
 
 def _aligned(req: BlkRequest) -> bool:

@@ -162,24 +162,31 @@ class Disk:
 
     # --- data -----------------------------------------------------------------------
 
-    def read_into(self, views: Sequence[memoryview], offset: int, aligned: bool) -> None:
-        """Fill `views` from the disk at `offset` (OSError on failure)."""
-        total = sum(len(v) for v in views)
+    def read_into(
+        self, views: list[memoryview], offset: int, total: int, aligned: bool
+    ) -> None:
+        """Fill `views` (`total` bytes) from the disk at `offset` (OSError on failure).
+        `aligned`: every view suits O_DIRECT (only looked at with `direct`)."""
         if self.direct and not (aligned and _is_aligned(offset, total)):
             self.bounced += 1
             self._bounce_read(offset, total, _scatter_to(views))
             return
-        _full_io(os.preadv, self.fd, list(views), offset)
+        n = os.preadv(self.fd, views, offset)  # the usual case: all at once
+        if n != total:
+            _full_io(os.preadv, self.fd, views, offset, n)
 
-    def write_from(self, views: Sequence[memoryview], offset: int, aligned: bool) -> None:
-        """Write `views` to the disk at `offset` (OSError on failure)."""
+    def write_from(
+        self, views: list[memoryview], offset: int, total: int, aligned: bool
+    ) -> None:
+        """Write `views` (`total` bytes) to the disk at `offset` (OSError on failure)."""
         self._check_writable()
-        total = sum(len(v) for v in views)
         if self.direct and not (aligned and _is_aligned(offset, total)):
             self.bounced += 1
             self._bounce_write(offset, total, _gather_from(views))
             return
-        _full_io(os.pwritev, self.fd, list(views), offset)
+        n = os.pwritev(self.fd, views, offset)
+        if n != total:
+            _full_io(os.pwritev, self.fd, views, offset, n)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -308,10 +315,16 @@ def _copy_stream(
 
 
 def _full_io(
-    op: Callable[[int, list[memoryview], int], int], fd: int, views: list[memoryview], offset: int
+    op: Callable[[int, list[memoryview], int], int],
+    fd: int,
+    views: list[memoryview],
+    offset: int,
+    done: int = 0,
 ) -> None:
-    """preadv/pwritev until every byte moved (short transfers resume where they ended);
-    EOF before the end is an OSError (the image shrank under us)."""
+    """preadv/pwritev until every byte moved, resuming after `done` bytes (short transfers
+    resume where they ended); EOF before the end is an OSError (the image shrank)."""
+    views = _advance(views, done)
+    offset += done
     while views:
         batch = views[:IOV_MAX]
         want = sum(len(v) for v in batch)
@@ -319,16 +332,19 @@ def _full_io(
         if n == 0 and want:
             raise OSError(errno.EIO, f"end of disk at offset {offset}")
         offset += n
-        if n == want:
-            views = views[len(batch):]
-            continue
-        while n:  # drop what moved, cut the partly moved view
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views = views[1:]
-            else:
-                views = [views[0][n:], *views[1:]]
-                n = 0
+        views = views[len(batch):] if n == want else _advance(views, n)
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """`views` without their first `n` bytes."""
+    i = 0
+    while n and i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if n and rest:
+        rest = [rest[0][n:], *rest[1:]]
+    return rest
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:

@@ -26,6 +26,7 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from isovisor.devices.virtio.chain import Descriptor
 
@@ -65,6 +66,8 @@ class Status(enum.IntEnum):
     UNSUPP = 2
 
 
+_TYPES = {t.value: t for t in RequestType}
+_IN, _OUT = RequestType.IN, RequestType.OUT
 WRITE_TYPES = frozenset({RequestType.OUT, RequestType.DISCARD, RequestType.WRITE_ZEROES})
 
 
@@ -82,8 +85,7 @@ class Limits:
     max_write_zeroes_seg: int
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """One range of a DISCARD or WRITE_ZEROES request, already bounds-checked."""
 
     sector: int
@@ -99,8 +101,7 @@ class Segment:
         return self.num_sectors << SECTOR_SHIFT
 
 
-@dataclass(frozen=True, slots=True)
-class BlkRequest:
+class BlkRequest(NamedTuple):
     """A request that passed every check: the device only has to carry it out.
 
     `data` are the guest buffers of the data part, in order (device-writable for IN and
@@ -119,8 +120,7 @@ class BlkRequest:
         return self.sector << SECTOR_SHIFT
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(NamedTuple):
     """A request that fails: write `status` at `status_addr` (if there is one) and complete
     it. `reason` is for logs and statistics, never for the guest."""
 
@@ -129,25 +129,13 @@ class Rejected:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Framing:
+class Framing(NamedTuple):
     """A chain cut into its parts (step one of parsing; needs no header bytes)."""
 
     header: tuple[Descriptor, ...]  # the readable bytes holding the 16-byte header
     readable_data: tuple[Descriptor, ...]
     writable_data: tuple[Descriptor, ...]
     status_addr: int
-
-
-def checked_add(a: int, b: int) -> int | None:
-    """a + b as a u64, or None on overflow (Python ints never wrap: this is the check)."""
-    s = a + b
-    return s if s <= U64_MAX else None
-
-
-def checked_mul(a: int, b: int) -> int | None:
-    p = a * b
-    return p if p <= U64_MAX else None
 
 
 def split(descs: Sequence[Descriptor], skip: int, keep: int) -> tuple[Descriptor, ...]:
@@ -171,6 +159,17 @@ def frame(descs: Sequence[Descriptor]) -> Framing | Rejected:
     """Cut a validated chain into header, data and status (§5.2.6, §2.6.4).
 
     The chain walker already guarantees readable-before-writable (§2.7.4.2)."""
+    n = len(descs)
+    if n == 3 or n == 2:  # the usual shapes (Linux's): header, [data,] 1-byte status
+        h, s = descs[0], descs[-1]
+        if h.len == HEADER_SIZE and not h.writable and s.writable and s.len == 1:
+            if n == 2:
+                return Framing((h,), (), (), s.addr)
+            d = descs[1]
+            if d.len:
+                if d.writable:
+                    return Framing((h,), (), (d,), s.addr)
+                return Framing((h,), (d,), (), s.addr)
     readable = [d for d in descs if not d.writable]
     writable = [d for d in descs if d.writable]
     wlen = sum(d.len for d in writable)
@@ -200,13 +199,17 @@ def _total(descs: Sequence[Descriptor]) -> int:
 
 def _check_range(sector: int, nbytes: int, capacity: int) -> str | None:
     """None if [sector * 512, + nbytes) lies on a disk of `capacity` sectors (u64-checked)."""
-    start = checked_mul(sector, SECTOR_SIZE)
-    end = None if start is None else checked_add(start, nbytes)
-    if end is None:
+    start = sector << SECTOR_SHIFT  # checked: Python ints do not wrap, the bound does
+    end = start + nbytes
+    if end > U64_MAX:
         return f"sector {sector} + {nbytes} bytes overflows 64 bits"
     if end > capacity * SECTOR_SIZE:
         return f"sector {sector} + {nbytes} bytes passes the end ({capacity} sectors)"
     return None
+
+
+def _rej(f: Framing, status: Status, reason: str) -> Rejected:
+    return Rejected(status, f.status_addr, reason)
 
 
 def parse(f: Framing, header: bytes, limits: Limits) -> BlkRequest | Rejected:
@@ -215,47 +218,42 @@ def parse(f: Framing, header: bytes, limits: Limits) -> BlkRequest | Rejected:
     `header` is a private copy of the 16 header bytes (the guest cannot change them
     under the checks); `segments` for DISCARD/WRITE_ZEROES come via parse_segments."""
     rtype, _reserved, sector = _HEADER.unpack(header)
-
-    def reject(status: Status, reason: str) -> Rejected:
-        return Rejected(status, f.status_addr, reason)
-
-    try:
-        kind = RequestType(rtype)
-    except ValueError:
-        return reject(Status.UNSUPP, f"unknown request type {rtype}")
+    kind = _TYPES.get(rtype)
+    if kind is None:
+        return _rej(f, Status.UNSUPP, f"unknown request type {rtype}")
     if kind in WRITE_TYPES and limits.readonly:
         # §5.2.6.2: with VIRTIO_BLK_F_RO offered, writes fail with IOERR and write nothing.
-        return reject(Status.IOERR, f"{kind.name} on a read-only disk")
-    if kind in (RequestType.IN, RequestType.OUT):
-        data = f.writable_data if kind is RequestType.IN else f.readable_data
-        other = f.readable_data if kind is RequestType.IN else f.writable_data
+        return _rej(f, Status.IOERR, f"{kind.name} on a read-only disk")
+    if kind is _IN or kind is _OUT:
+        data = f.writable_data if kind is _IN else f.readable_data
+        other = f.readable_data if kind is _IN else f.writable_data
         if other:
-            return reject(Status.IOERR, f"{kind.name} with data in the wrong direction")
-        length = _total(data)
+            return _rej(f, Status.IOERR, f"{kind.name} with data in the wrong direction")
+        length = data[0].len if len(data) == 1 else _total(data)
         if length % SECTOR_SIZE:
             # §5.2.6.1: "The length of data MUST be a multiple of 512 bytes for
             # VIRTIO_BLK_T_IN and VIRTIO_BLK_T_OUT requests."
-            return reject(Status.IOERR, f"{kind.name} of {length} bytes (not a multiple of 512)")
+            return _rej(f, Status.IOERR, f"{kind.name} of {length} bytes (not a multiple of 512)")
         why = _check_range(sector, length, limits.capacity)
         if why is not None:
-            return reject(Status.IOERR, why)
+            return _rej(f, Status.IOERR, why)
         return BlkRequest(kind, sector, data, length, f.status_addr)
     if kind is RequestType.FLUSH:
         if f.readable_data or f.writable_data:
-            return reject(Status.IOERR, "FLUSH with a data part")
+            return _rej(f, Status.IOERR, "FLUSH with a data part")
         return BlkRequest(kind, 0, (), 0, f.status_addr)
     if kind is RequestType.GET_ID:
         if f.readable_data or not f.writable_data:
-            return reject(Status.IOERR, "GET_ID without a device-writable data part")
+            return _rej(f, Status.IOERR, "GET_ID without a device-writable data part")
         n = min(_total(f.writable_data), ID_BYTES)
         return BlkRequest(kind, 0, split(f.writable_data, 0, n), n, f.status_addr)
     if (kind is RequestType.DISCARD and limits.discard) or (
         kind is RequestType.WRITE_ZEROES and limits.write_zeroes
     ):
         if f.writable_data:
-            return reject(Status.IOERR, f"{kind.name} with device-writable data")
+            return _rej(f, Status.IOERR, f"{kind.name} with device-writable data")
         return BlkRequest(kind, sector, f.readable_data, _total(f.readable_data), f.status_addr)
-    return reject(Status.UNSUPP, f"{kind.name} is not supported (or not negotiated)")
+    return _rej(f, Status.UNSUPP, f"{kind.name} is not supported (or not negotiated)")
 
 
 def segments_length_ok(req: BlkRequest, limits: Limits) -> Rejected | None:

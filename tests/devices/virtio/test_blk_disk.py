@@ -123,7 +123,7 @@ def test_short_transfers_resume(
     monkeypatch.setattr(os, "preadv", short)
     views = [mem.view(0x10000, 700), mem.view(0x20000, 324), mem.view(0x30000, 1024)]
     try:
-        d.read_into(views, 512, aligned=False)
+        d.read_into(views, 512, 2048, aligned=False)
     finally:
         for v in views:
             v.release()
@@ -142,7 +142,7 @@ def test_eof_is_an_error(mem: GuestMemory, tmp_path: Path) -> None:
         os.truncate(img, 512)
         v = mem.view(0x10000, 1024)
         with pytest.raises(OSError, match="end of disk"):
-            d.read_into([v], 1024, aligned=False)
+            d.read_into([v], 1024, 1024, aligned=False)
         v.release()
     finally:
         d.close()
@@ -168,13 +168,13 @@ def test_direct_aligned_goes_straight(mem: GuestMemory, tmp_path: Path) -> None:
     d = direct_disk(tmp_path)
     try:
         v = mem.view(0x10000, 8192)
-        d.read_into([v], 8192, aligned=True)
+        d.read_into([v], 8192, 8192, aligned=True)
         v.release()
         assert d.bounced == 0
         assert mem.read_exact(0x10000, 512) == sector_bytes(16)
         mem.write_all(0x10000, b"\x11" * 4096)
         v = mem.view(0x10000, 4096)
-        d.write_from([v], 4096, aligned=True)
+        d.write_from([v], 4096, 4096, aligned=True)
         v.release()
         assert d.bounced == 0
     finally:
@@ -195,12 +195,12 @@ def test_direct_unaligned_bounces(
     addrs = [0x100000 + i * 0x10000 + 8 for i in range(len(sizes))]
     try:
         views = [mem.view(a, n) for a, n in zip(addrs, sizes, strict=True)]
-        d.read_into(views, offset, aligned=False)
+        d.read_into(views, offset, total, aligned=False)
         got = b"".join(bytes(v) for v in views)
         assert got == before[offset : offset + total]
         for i, v in enumerate(views):
             v[:] = bytes([0x40 + i]) * len(v)
-        d.write_from(views, offset, aligned=False)
+        d.write_from(views, offset, total, aligned=False)
         for v in views:
             v.release()
         assert d.bounced == 2
@@ -221,10 +221,10 @@ def test_direct_bounce_spans_chunks(
     before = (tmp_path / "direct.img").read_bytes()
     try:
         v = mem.view(0x100008, 5 * DIRECT_ALIGN)
-        d.read_into([v], 512, aligned=False)
+        d.read_into([v], 512, len(v), aligned=False)
         assert bytes(v) == before[512 : 512 + 5 * DIRECT_ALIGN]
         v[:] = b"\x77" * len(v)
-        d.write_from([v], 512, aligned=False)
+        d.write_from([v], 512, len(v), aligned=False)
         v.release()
         d.write_zeroes(1024, 512, unmap=False)
     finally:
@@ -261,7 +261,7 @@ def test_readonly_disk_refuses_writes(mem: GuestMemory, tmp_path: Path) -> None:
     try:
         v = mem.view(0x10000, 512)
         with pytest.raises(OSError, match="read-only"):
-            d.write_from([v], 0, aligned=False)
+            d.write_from([v], 0, 512, aligned=False)
         v.release()
         with pytest.raises(OSError, match="read-only"):
             d.write_zeroes(0, 512, unmap=False)

@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+"""virtio-blk throughput: isovisor against QEMU microvm, the same guest, in one run.
+
+The guest (tests/devices/virtio/guests/blk_bench.asm, a PVH ELF) finds the virtio-blk
+device in either VMM's virtio-mmio windows, prepares everything, prints `blkbench: start`,
+then runs `rounds` rounds of 64 reads each (mode=seq: 64 KiB reads walking the disk;
+mode=rand: 4 KiB reads at pseudo-random 4 KiB-aligned offsets), prints `blkbench: done
+status=ok` and resets. This script reads each VMM's stdout as it arrives and times the
+loop from the end of the start line to the first byte of the done line. Runs alternate
+between the VMMs (the order flips every round); medians, min and max go to a table and
+to bench/RESULTS.md (the `blk` section).
+
+    .venv/bin/python bench/blk.py [--runs 5] [--seq-rounds 150] [--rand-rounds 150] [--no-write]
+
+Both VMMs read the same raw image (64 MiB, in the host's page cache: this measures the
+VMMs' request paths, not the host disk). isovisor: `isovisor run --no-jail --disk IMG`
+(the jailed worker does not take disks yet); QEMU: `-M microvm` with `-device
+virtio-blk-device,drive=d0 -drive id=d0,file=IMG,format=raw,if=none` and
+`-global virtio-mmio.force-legacy=false`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import selectors
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST_DIR = REPO / "tests" / "devices" / "virtio" / "guests"
+GUEST_ASM = GUEST_DIR / "blk_bench.asm"
+GUEST_LD = GUEST_DIR / "blk_bench.ld"
+BUILD_DIR = REPO / "cache" / "bench"  # git-ignored
+GUEST_ELF = BUILD_DIR / "blk_bench.elf"
+RESULTS = REPO / "bench" / "RESULTS.md"
+BEGIN_MARK = "<!-- blk:begin -->"
+END_MARK = "<!-- blk:end -->"
+
+QEMU = "qemu-system-x86_64"
+MEMORY_MIB = 256
+IMAGE_MIB = 64
+DEPTH = 64  # requests per round (the guest's DEPTH)
+TARGET_RATIO = 1.0
+VMMS = ("isovisor", "qemu")
+MODES = {"seq": ("MB/s", 65536), "rand": ("IOPS", 4096)}
+
+START_LINE = b"blkbench: start"
+DONE_PREFIX = b"blkbench: done status="
+ERROR_PREFIX = b"blkbench: error"
+
+
+class BenchError(Exception):
+    """Something the user must fix; printed without a trace."""
+
+
+@dataclass(frozen=True)
+class Run:
+    vmm: str
+    mode: str
+    rounds: int
+    seconds: float
+
+    @property
+    def requests(self) -> int:
+        return self.rounds * DEPTH
+
+    @property
+    def value(self) -> float:
+        """MB/s (10^6 bytes) for seq, requests/s for rand."""
+        if self.mode == "seq":
+            return self.requests * MODES["seq"][1] / self.seconds / 1e6
+        return self.requests / self.seconds
+
+
+# --- set-up --------------------------------------------------------------------------
+
+
+def isovisor_python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def check_tools(qemu: str) -> None:
+    missing = [t for t in ("nasm", "ld") if shutil.which(t) is None]
+    if missing:
+        raise BenchError(f"{' and '.join(missing)} not found (`make system-deps` installs them)")
+    if shutil.which(qemu) is None:
+        raise BenchError(f"{qemu} not found: install qemu-system-x86 or pass --qemu PATH")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise BenchError("/dev/kvm is missing or not readable and writable by this user")
+
+
+def build_guest() -> Path:
+    sources = (GUEST_ASM, GUEST_LD)
+    if GUEST_ELF.exists() and all(GUEST_ELF.stat().st_mtime >= s.stat().st_mtime for s in sources):
+        return GUEST_ELF
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    obj = BUILD_DIR / "blk_bench.o"
+    for cmd in (
+        ["nasm", "-f", "elf32", "-o", str(obj), str(GUEST_ASM)],
+        ["ld", "-m", "elf_i386", "-T", str(GUEST_LD), "-o", str(GUEST_ELF), str(obj)],
+    ):
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            GUEST_ELF.unlink(missing_ok=True)
+            raise BenchError(f"building the guest failed: {' '.join(cmd)}\n{res.stderr}")
+    obj.unlink(missing_ok=True)
+    return GUEST_ELF
+
+
+def make_image(path: Path) -> Path:
+    """A 64 MiB image with non-zero content, read once so it sits in the page cache."""
+    block = bytes(range(256)) * 4096
+    with path.open("wb") as f:
+        for _ in range(IMAGE_MIB):
+            f.write(block)
+    path.read_bytes()
+    return path
+
+
+def vmm_command(vmm: str, elf: Path, image: Path, cmdline: str, timeout: float,
+                qemu: str) -> list[str]:
+    if vmm == "isovisor":
+        return [
+            isovisor_python(), "-m", "isovisor.cli.main", "run", "--no-jail",
+            "--kernel", str(elf), "--cmdline", cmdline, "--memory", f"{MEMORY_MIB}M",
+            "--disk", str(image), "--timeout", f"{timeout:g}",
+        ]
+    return [
+        qemu, "-M", "microvm,x-option-roms=off,isa-serial=on", "-accel", "kvm",
+        "-m", str(MEMORY_MIB), "-nodefaults", "-no-user-config", "-nographic",
+        "-serial", "stdio", "-no-reboot", "-global", "virtio-mmio.force-legacy=false",
+        "-kernel", str(elf), "-append", cmdline,
+        "-device", "virtio-blk-device,drive=d0",
+        "-drive", f"id=d0,file={image},format=raw,if=none",
+    ]
+
+
+# --- one run -------------------------------------------------------------------------
+
+
+def timed_output(cmd: list[str], timeout: float) -> tuple[bytes, list[tuple[int, float]], int,
+                                                          str]:
+    """Run `cmd`; its stdout, (end offset, arrival time) per chunk, exit status, stderr."""
+    with tempfile.TemporaryFile() as err:
+        began = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, cwd=REPO)
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        out = bytearray()
+        chunks: list[tuple[int, float]] = []
+        deadline = began + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    proc.kill()
+                    proc.wait()
+                    raise BenchError(f"{shlex.join(cmd)} did not finish within {timeout:.0f} s;"
+                                     f" output so far:\n{out.decode(errors='replace')}")
+                if not sel.select(left):
+                    continue
+                data = os.read(fd, 65536)
+                now = time.perf_counter()
+                if not data:
+                    break
+                out += data
+                chunks.append((len(out), now))
+        rc = proc.wait()
+        err.seek(0)
+        return bytes(out), chunks, rc, err.read().decode(errors="replace").strip()
+
+
+def _time_at(chunks: list[tuple[int, float]], offset: int) -> float:
+    for end, t in chunks:
+        if offset < end:
+            return t
+    raise ValueError(offset)
+
+
+def loop_seconds(out: bytes, chunks: list[tuple[int, float]]) -> float | None:
+    """From the arrival of the start line's end to that of the done line's first byte."""
+    s = out.find(START_LINE)
+    nl = out.find(b"\n", s) if s >= 0 else -1
+    d = out.find(DONE_PREFIX, s) if s >= 0 else -1
+    if nl < 0 or d < 0:
+        return None
+    return _time_at(chunks, d) - _time_at(chunks, nl)
+
+
+def measure(vmm: str, mode: str, rounds: int, elf: Path, image: Path, timeout: float,
+            qemu: str) -> Run:
+    cmd = vmm_command(vmm, elf, image, f"mode={mode} rounds={rounds}", timeout, qemu)
+    out, chunks, rc, stderr = timed_output(cmd, timeout + 10)
+    text = out.decode(errors="replace")
+
+    def fail(why: str) -> BenchError:
+        return BenchError(f"{vmm} ({mode}, rounds={rounds}): {why}\ncommand: {shlex.join(cmd)}"
+                          f"\nexit status: {rc}\nstdout:\n{text.strip()}\nstderr:\n{stderr}")
+
+    if ERROR_PREFIX in out:
+        raise fail("the guest reported an error")
+    seconds = loop_seconds(out, chunks)
+    if seconds is None:
+        raise fail("the guest never printed its start and done lines")
+    if DONE_PREFIX + b"ok" not in out:
+        raise fail("a request failed (status=bad)")
+    if rc != 0:
+        raise fail("the VMM exited with a nonzero status after the guest reset")
+    if seconds <= 0:
+        raise fail("start and done arrived together: raise the rounds")
+    return Run(vmm, mode, rounds, seconds)
+
+
+# --- reporting -----------------------------------------------------------------------
+
+
+def host_facts(qemu: str) -> dict[str, str]:
+    cpu, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu == "unknown":
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    if "vmx" in flags or "svm" in flags:
+        kind = "hardware virtualization"
+    elif Path("/sys/module/kvm_pvm").exists():
+        kind = "PVM (kvm_pvm; guest kernel mode is emulated by KVM)"
+    else:
+        kind = "unknown"
+    version = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                             check=False).stdout.splitlines()[:1]
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "Date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "Kernel": platform.release(),
+        "CPU": f"{cpu}, {os.cpu_count()} logical CPUs",
+        "KVM": kind,
+        "QEMU": version[0].strip() if version else "unknown",
+        "Python": platform.python_version(),
+        "isovisor commit": commit or "unknown",
+        "Load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def summarize(runs: Sequence[Run]) -> tuple[float, float, float]:
+    values = [r.value for r in runs]
+    return statistics.median(values), min(values), max(values)
+
+
+def markdown_block(results: dict[tuple[str, str], list[Run]], facts: dict[str, str],
+                   args: argparse.Namespace) -> str:
+    lines = [
+        BEGIN_MARK,
+        "## virtio-blk: sequential read MB/s (64 KiB) and random-read IOPS (4 KiB) "
+        "(`bench/blk.py`)",
+        "",
+        "Guest `tests/devices/virtio/guests/blk_bench.asm` (the same PVH ELF under both "
+        f"VMMs), 64 requests in flight per round, {args.runs} runs per VMM and mode, "
+        f"alternating. seq: {args.seq_rounds} rounds of 64 x 64 KiB reads walking a "
+        f"{IMAGE_MIB} MiB raw image; rand: {args.rand_rounds} rounds of 64 x 4 KiB reads at "
+        "pseudo-random aligned offsets. The image is in the host's page cache. Time = from "
+        "the end of the guest's `blkbench: start` line to the first byte of its "
+        "`blkbench: done` line on the VMM's stdout. MB = 10^6 bytes.",
+        "",
+        "| mode | VMM | median | min | max | unit | vs QEMU |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    ratios: dict[str, float] = {}
+    for mode, (unit, _) in MODES.items():
+        q = results.get(("qemu", mode))
+        i = results.get(("isovisor", mode))
+        if q and i:
+            ratios[mode] = summarize(i)[0] / summarize(q)[0]
+        for vmm in VMMS:
+            runs = results.get((vmm, mode))
+            if not runs:
+                continue
+            med, lo, hi = summarize(runs)
+            r = "1.00x" if vmm == "qemu" else (f"{ratios[mode]:.2f}x" if mode in ratios else "-")
+            lines.append(f"| {mode} | {vmm} | {med:,.1f} | {lo:,.1f} | {hi:,.1f} | {unit} | {r} |")
+    lines.append("")
+    for mode, r in ratios.items():
+        verdict = "meets" if r >= TARGET_RATIO else "below"
+        lines.append(f"- {mode}: isovisor at **{r:.2f}x** QEMU ({verdict} the "
+                     f"{TARGET_RATIO:.1f}x target).")
+    lines += ["", "Host:", ""] + [f"- {k}: {v}" for k, v in facts.items()]
+    lines += ["", f"Command: `.venv/bin/python bench/blk.py --runs {args.runs} --seq-rounds "
+              f"{args.seq_rounds} --rand-rounds {args.rand_rounds}`.", END_MARK]
+    return "\n".join(lines)
+
+
+def write_results(block: str, path: Path = RESULTS) -> None:
+    text = path.read_text() if path.exists() else "# isovisor benchmark results\n"
+    pattern = re.compile(re.escape(BEGIN_MARK) + r".*?" + re.escape(END_MARK), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.blk.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --- main ----------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="virtio-blk MB/s and IOPS, isovisor vs QEMU.")
+    p.add_argument("--runs", type=_positive, default=5, help="runs per VMM and mode (5)")
+    p.add_argument("--seq-rounds", type=_positive, default=150,
+                   help="rounds of 64 x 64 KiB reads per seq run (150 = 600 MiB)")
+    p.add_argument("--rand-rounds", type=_positive, default=150,
+                   help="rounds of 64 x 4 KiB reads per rand run (150 = 9600 reads)")
+    p.add_argument("--mode", choices=["seq", "rand", "both"], default="both")
+    p.add_argument("--qemu", default=QEMU)
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds per VMM run")
+    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    args = p.parse_args(argv)
+    try:
+        check_tools(args.qemu)
+        elf = build_guest()
+        facts = host_facts(args.qemu)
+        modes = list(MODES) if args.mode == "both" else [args.mode]
+        results: dict[tuple[str, str], list[Run]] = {}
+        with tempfile.TemporaryDirectory(prefix="isovisor-blkbench-") as tmp:
+            image = make_image(Path(tmp) / "bench.img")
+            for i in range(args.runs):
+                for mode in modes:
+                    rounds = args.seq_rounds if mode == "seq" else args.rand_rounds
+                    for vmm in VMMS if i % 2 == 0 else VMMS[::-1]:
+                        run = measure(vmm, mode, rounds, elf, image, args.timeout, args.qemu)
+                        results.setdefault((vmm, mode), []).append(run)
+                        print(f"run {i + 1}: {vmm:8} {mode:4} {run.seconds:7.3f} s  "
+                              f"{run.value:12,.1f} {MODES[mode][0]}", flush=True)
+    except BenchError as exc:
+        print(f"bench/blk.py: {exc}", file=sys.stderr)
+        return 1
+    block = markdown_block(results, facts, args)
+    print(block)
+    if not args.no_write:
+        write_results(block)
+        print(f"wrote the blk section of {RESULTS.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,734 @@
+; blk_bench.asm - a PVH guest that measures a VMM's virtio-blk (bench/blk.py) and, with a
+; rate limit, shows the limit holding (tests/devices/virtio/test_blk_ratelimit.py).
+;
+; Self-contained: `nasm -f elf32`, `ld -m elf_i386 -T blk_bench.ld` (loaded at 1 MiB, PVH
+; note in a PT_NOTE). The same ELF runs under isovisor and QEMU microvm: it finds the
+; block device by scanning both VMMs' virtio-mmio windows for MagicValue 0x74726976,
+; Version 2 and DeviceID 2: isovisor's at 0xD0000000 + n * 0x1000 (n < 8), QEMU microvm's
+; at 0xFEB00000 + n * 0x200 (n < 32). Reads of unclaimed addresses return all-ones
+; (isovisor) or zeros (QEMU): neither matches.
+;
+; Command line (hvm_start_info.cmdline_paddr), space-separated, all optional:
+;   mode=seq|rand   seq: 64 KiB reads walking the disk from sector 0 (wrapping);
+;                   rand: 4 KiB reads at pseudo-random 4 KiB-aligned offsets (default seq)
+;   rounds=<n>      rounds to time (default 100); every round is DEPTH requests
+; Output on COM1, lines ending CR LF:
+;   blkbench: device=0xd0000000 capacity=131072 mode=seq rounds=100 depth=64 size=65536
+;   blkbench: start
+;   blkbench: done status=ok
+; (`status=bad` if any request of the last round did not end with VIRTIO_BLK_S_OK.)
+; Errors print `blkbench: error <what>`. Then the guest resets (i8042; else triple fault).
+;
+; Why it looks like this: on a PVM host guest kernel-mode code is interpreted by KVM
+; (~1 us per instruction), so per-request guest work is kept near zero. Everything is
+; prepared before the start line: the descriptor table (DEPTH chains of header, data,
+; status), the whole available ring (entry j names chain j mod DEPTH, so it never needs
+; rewriting), and the request headers of every round (up to MAX_ROUNDS distinct rounds,
+; then they repeat). A round is then: one `rep movsd` copying that round's headers into
+; place, avail.idx += DEPTH, one QueueNotify, and a poll of used.idx: about ten
+; instructions for DEPTH requests. VIRTQ_AVAIL_F_NO_INTERRUPT spares both VMMs the
+; interrupts nobody waits for.
+
+bits 32
+
+XEN_ELFNOTE_PHYS32_ENTRY equ 18
+HVM_START_MAGIC          equ 0x336ec578
+SI_MAGIC                 equ 0
+SI_CMDLINE_PADDR         equ 24
+
+COM1        equ 0x3F8
+UART_LSR    equ 5
+LSR_THRE    equ 0x20
+TX_POLLS    equ 1000
+CMDLINE_MAX equ 1024
+
+VIRTIO_MAGIC equ 0x74726976
+ISO_BASE    equ 0xD0000000
+ISO_STRIDE  equ 0x1000
+ISO_COUNT   equ 8
+QEMU_BASE   equ 0xFEB00000
+QEMU_STRIDE equ 0x200
+QEMU_COUNT  equ 32
+
+QSIZE       equ 256                 ; queue size used (both VMMs offer 256)
+DEPTH       equ 64                  ; requests per round: 3 descriptors each, 192 <= 256
+MAX_ROUNDS  equ 64                  ; distinct rounds of headers prepared
+DESC        equ 0x200000            ; descriptor table, 16 * 256
+AVAIL       equ 0x201000            ; available ring
+USED        equ 0x202000            ; used ring
+HDR         equ 0x204000            ; the DEPTH headers in use (16 bytes each)
+STATUS      equ 0x205000            ; DEPTH status bytes
+HDRIMG      equ 0x300000            ; MAX_ROUNDS * DEPTH headers, round after round
+DATA        equ 0x1000000           ; DEPTH data buffers of `size` bytes
+SEQ_SIZE    equ 65536
+RAND_SIZE   equ 4096
+DEFAULT_ROUNDS equ 100
+
+; ---------------------------------------------------------------------------
+section .note.Xen note alloc noexec nowrite align=4
+    dd 4
+    dd 4
+    dd XEN_ELFNOTE_PHYS32_ENTRY
+    db "Xen", 0
+    dd pvh_entry
+
+; ---------------------------------------------------------------------------
+section .rodata
+align 8
+gdt:
+    dq 0
+    dq 0x00CF9A000000FFFF
+    dq 0x00CF92000000FFFF
+gdt_end:
+gdt_desc:
+    dw gdt_end - gdt - 1
+    dd gdt
+empty_idt_desc:
+    dw 0
+    dd 0
+
+key_mode:   db "mode=", 0
+key_rounds: db "rounds=", 0
+val_seq:    db "seq", 0
+val_rand:   db "rand", 0
+msg_prefix: db "blkbench: ", 0
+msg_device: db "device=", 0
+msg_cap:    db " capacity=", 0
+msg_mode:   db " mode=", 0
+msg_rounds: db " rounds=", 0
+msg_depth:  db " depth=", 0
+msg_size:   db " size=", 0
+msg_start:  db "start", 0
+msg_done:   db "done status=", 0
+msg_ok:     db "ok", 0
+msg_bad:    db "bad", 0
+err_magic:  db "error bad hvm_start_info magic", 0
+err_mode:   db "error mode must be seq or rand", 0
+err_num:    db "error bad number in rounds=", 0
+err_nodev:  db "error no virtio-blk device found", 0
+err_feat:   db "error FEATURES_OK refused", 0
+err_qmax:   db "error QueueNumMax below 256", 0
+err_small:  db "error disk smaller than one round", 0
+
+; ---------------------------------------------------------------------------
+section .bss
+alignb 16
+stack:      resb 4096
+stack_top:
+cmdline:    resd 1
+rand_mode:  resd 1
+rounds:     resd 1
+mmio:       resd 1
+capacity:   resd 1                  ; sectors (low 32 bits)
+size:       resd 1                  ; bytes per request
+nrounds:    resd 1                  ; distinct rounds prepared
+seed:       resd 1
+
+; ---------------------------------------------------------------------------
+section .text
+global pvh_entry
+pvh_entry:
+    cli
+    cld
+    lgdt [gdt_desc]
+    jmp 0x08:.cs_ok
+.cs_ok:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov fs, ax
+    mov gs, ax
+    mov esp, stack_top
+    lidt [empty_idt_desc]
+
+    mov dword [rand_mode], 0
+    mov dword [rounds], DEFAULT_ROUNDS
+    test ebx, ebx
+    jz .bad_magic
+    cmp dword [ebx + SI_MAGIC], HVM_START_MAGIC
+    jne .bad_magic
+    cmp dword [ebx + SI_CMDLINE_PADDR + 4], 0
+    jne .parsed
+    mov eax, [ebx + SI_CMDLINE_PADDR]
+    mov [cmdline], eax
+    test eax, eax
+    jz .parsed
+    mov esi, key_mode
+    call find_key
+    test esi, esi
+    jz .mode_done
+    mov edi, val_seq
+    call token_equals
+    jnc .mode_done
+    mov edi, val_rand
+    call token_equals
+    jc .bad_mode
+    mov dword [rand_mode], 1
+.mode_done:
+    mov esi, key_rounds
+    call find_key
+    test esi, esi
+    jz .parsed
+    call parse_number
+    jc .bad_number
+    mov [rounds], eax
+.parsed:
+    call find_device
+    test eax, eax
+    jz .no_device
+    mov [mmio], eax
+    call init_device                ; CF on failure, ESI = message
+    jc .error
+    call prepare                    ; CF on failure, ESI = message
+    jc .error
+
+    ; blkbench: device=0x... capacity=N mode=M rounds=N depth=N size=N
+    mov esi, msg_prefix
+    call puts
+    mov esi, msg_device
+    call puts
+    mov eax, [mmio]
+    call put_hex32
+    mov esi, msg_cap
+    call puts
+    mov eax, [capacity]
+    call put_dec
+    mov esi, msg_mode
+    call puts
+    mov esi, val_seq
+    cmp dword [rand_mode], 0
+    je .say_mode
+    mov esi, val_rand
+.say_mode:
+    call puts
+    mov esi, msg_rounds
+    call puts
+    mov eax, [rounds]
+    call put_dec
+    mov esi, msg_depth
+    call puts
+    mov eax, DEPTH
+    call put_dec
+    mov esi, msg_size
+    call puts
+    mov eax, [size]
+    call put_dec
+    call newline
+
+    mov ebp, [rounds]               ; rounds left
+    xor ebx, ebx                    ; header image offset of this round
+    mov esi, msg_prefix
+    call puts
+    mov esi, msg_start
+    call puts
+    call newline                    ; the host starts its clock on this line
+    test ebp, ebp
+    jz .timed_done
+    mov edx, [mmio]
+    xor eax, eax                    ; AX = avail idx = used idx expected
+align 16
+.round:
+    lea esi, [HDRIMG + ebx]
+    mov edi, HDR
+    mov ecx, DEPTH * 4
+    rep movsd                       ; this round's headers
+    add ax, DEPTH
+    mov [AVAIL + 2], ax             ; publish DEPTH chains (the ring entries are fixed)
+    mov dword [edx + 0x050], 0      ; QueueNotify
+.poll:
+    cmp [USED + 2], ax
+    jne .poll
+    add ebx, DEPTH * 16
+    cmp ebx, [nrounds]
+    jb .next
+    xor ebx, ebx
+.next:
+    dec ebp
+    jnz .round
+.timed_done:
+    mov esi, msg_prefix
+    call puts
+    mov esi, msg_done
+    call puts                       ; the host stops its clock at this line
+    mov edi, STATUS                 ; every status of the last round must be OK (0)
+    mov ecx, DEPTH
+    xor eax, eax
+    repe scasb
+    mov esi, msg_ok
+    je .say_status
+    mov esi, msg_bad
+.say_status:
+    call puts
+    call newline
+    jmp reset
+
+.bad_magic:
+    mov esi, err_magic
+    jmp .error
+.bad_mode:
+    mov esi, err_mode
+    jmp .error
+.bad_number:
+    mov esi, err_num
+    jmp .error
+.no_device:
+    mov esi, err_nodev
+.error:
+    push esi
+    mov esi, msg_prefix
+    call puts
+    pop esi
+    call puts
+    call newline
+
+reset:
+    mov al, 0xFE
+    out 0x64, al
+    lidt [empty_idt_desc]
+    ud2
+.stuck:
+    hlt
+    jmp .stuck
+
+; find_device: EAX = base of the first virtio-blk window found, or 0.
+find_device:
+    push ecx
+    push edx
+    mov edx, ISO_BASE
+    mov ecx, ISO_COUNT
+.iso:
+    call is_blk
+    je .found
+    add edx, ISO_STRIDE
+    loop .iso
+    mov edx, QEMU_BASE
+    mov ecx, QEMU_COUNT
+.qemu:
+    call is_blk
+    je .found
+    add edx, QEMU_STRIDE
+    loop .qemu
+    xor eax, eax
+    jmp .out
+.found:
+    mov eax, edx
+.out:
+    pop edx
+    pop ecx
+    ret
+
+; is_blk: EDX = window. ZF = 1 when it holds a modern virtio-blk device.
+is_blk:
+    cmp dword [edx + 0x000], VIRTIO_MAGIC
+    jne .no
+    cmp dword [edx + 0x004], 2
+    jne .no
+    cmp dword [edx + 0x008], 2
+.no:
+    ret
+
+; init_device: §3.1.1 with VIRTIO_F_VERSION_1 only; queue 0 of QSIZE entries.
+; CF = 1 and ESI = message on failure.
+init_device:
+    mov edx, [mmio]
+    mov dword [edx + 0x070], 0
+    mov dword [edx + 0x070], 1
+    mov dword [edx + 0x070], 3
+    mov dword [edx + 0x024], 0
+    mov dword [edx + 0x020], 0
+    mov dword [edx + 0x024], 1
+    mov dword [edx + 0x020], 1
+    mov dword [edx + 0x070], 0x0B
+    test dword [edx + 0x070], 0x08
+    jz .refused
+    mov eax, [edx + 0x100]          ; capacity (sectors), low half
+    mov [capacity], eax
+    mov dword [edx + 0x030], 0
+    cmp dword [edx + 0x034], QSIZE
+    jb .qmax
+    mov dword [edx + 0x038], QSIZE
+    mov dword [edx + 0x080], DESC
+    mov dword [edx + 0x084], 0
+    mov dword [edx + 0x090], AVAIL
+    mov dword [edx + 0x094], 0
+    mov dword [edx + 0x0A0], USED
+    mov dword [edx + 0x0A4], 0
+    mov dword [edx + 0x044], 1
+    mov dword [edx + 0x070], 0x0F
+    clc
+    ret
+.refused:
+    mov esi, err_feat
+    stc
+    ret
+.qmax:
+    mov esi, err_qmax
+    stc
+    ret
+
+; prepare: descriptor table, available ring, header images. CF + ESI on failure.
+prepare:
+    mov dword [size], SEQ_SIZE
+    cmp dword [rand_mode], 0
+    je .sized
+    mov dword [size], RAND_SIZE
+.sized:
+    ; descriptors: 3i header -> 3i+1 data -> 3i+2 status
+    xor ecx, ecx
+    mov edi, DESC
+.desc:
+    mov eax, ecx
+    shl eax, 4
+    add eax, HDR
+    mov [edi + 0], eax              ; header
+    mov dword [edi + 4], 0
+    mov dword [edi + 8], 16
+    lea eax, [ecx * 3 + 1]
+    shl eax, 16
+    or eax, 1                       ; flags NEXT, next = 3i+1
+    mov [edi + 12], eax
+    mov eax, ecx
+    imul eax, [size]
+    add eax, DATA
+    mov [edi + 16], eax             ; data
+    mov dword [edi + 20], 0
+    mov eax, [size]
+    mov [edi + 24], eax
+    lea eax, [ecx * 3 + 2]
+    shl eax, 16
+    or eax, 3                       ; NEXT | WRITE, next = 3i+2
+    mov [edi + 28], eax
+    lea eax, [STATUS + ecx]
+    mov [edi + 32], eax             ; status
+    mov dword [edi + 36], 0
+    mov dword [edi + 40], 1
+    mov dword [edi + 44], 2         ; WRITE
+    add edi, 48
+    inc ecx
+    cmp ecx, DEPTH
+    jne .desc
+    ; available ring: flags = NO_INTERRUPT, idx = 0, ring[j] = 3 * (j mod DEPTH)
+    mov word [AVAIL + 0], 1
+    mov word [AVAIL + 2], 0
+    xor ecx, ecx
+.ring:
+    mov eax, ecx
+    and eax, DEPTH - 1
+    lea eax, [eax * 3]
+    mov [AVAIL + 4 + ecx * 2], ax
+    inc ecx
+    cmp ecx, QSIZE
+    jne .ring
+    ; header images: rounds of DEPTH headers, type IN (0)
+    mov eax, [size]
+    shr eax, 9                      ; sectors per request
+    mov esi, eax
+    mov eax, [capacity]
+    xor edx, edx
+    div esi                         ; EAX = requests that fit the disk
+    cmp eax, DEPTH
+    jb .small
+    mov ebx, eax                    ; EBX = slots on the disk (seq: count; rand: range)
+    mov dword [seed], 0x2545F491
+    xor ecx, ecx                    ; request number
+    mov edi, HDRIMG
+.hdr:
+    cmp dword [rand_mode], 0
+    jne .random
+    mov eax, ecx                    ; seq: request k reads slot k mod slots
+    xor edx, edx
+    div ebx
+    mov eax, edx
+    jmp .slot
+.random:
+    mov eax, [seed]                 ; xorshift32
+    mov edx, eax
+    shl edx, 13
+    xor eax, edx
+    mov edx, eax
+    shr edx, 17
+    xor eax, edx
+    mov edx, eax
+    shl edx, 5
+    xor eax, edx
+    mov [seed], eax
+    xor edx, edx
+    div ebx
+    mov eax, edx
+.slot:
+    mul esi                         ; sector = slot * sectors per request
+    mov dword [edi + 0], 0          ; VIRTIO_BLK_T_IN
+    mov dword [edi + 4], 0
+    mov [edi + 8], eax
+    mov [edi + 12], edx
+    add edi, 16
+    inc ecx
+    cmp ecx, DEPTH * MAX_ROUNDS
+    jne .hdr
+    ; seq: as many distinct rounds as the disk holds (at most MAX_ROUNDS) so that
+    ; wrapping stays sequential; rand: all of them.
+    mov eax, MAX_ROUNDS
+    cmp dword [rand_mode], 0
+    jne .count
+    mov eax, ebx
+    shr eax, 6                      ; slots / DEPTH whole rounds
+    cmp eax, MAX_ROUNDS
+    jbe .count
+    mov eax, MAX_ROUNDS
+.count:
+    shl eax, 10                     ; * DEPTH * 16 bytes
+    mov [nrounds], eax
+    clc
+    ret
+.small:
+    mov esi, err_small
+    stc
+    ret
+
+; find_key: ESI = NUL-terminated key ("n="). Looks for a token of the command line at
+; [cmdline] that starts with the key. ESI = the first byte after the key, or 0.
+; Clobbers EAX, ECX, EDI.
+find_key:
+    push ebx
+    mov ebx, esi                    ; EBX = key
+    mov edi, [cmdline]              ; EDI = current position
+    mov ecx, CMDLINE_MAX
+.token:
+    test ecx, ecx
+    jz .none
+    cmp byte [edi], ' '
+    jne .compare
+    inc edi
+    dec ecx
+    jmp .token
+.compare:
+    cmp byte [edi], 0
+    je .none
+    mov esi, ebx
+    push edi
+.cmp_loop:
+    mov al, [esi]
+    test al, al
+    jz .match
+    cmp al, [edi]
+    jne .mismatch
+    inc esi
+    inc edi
+    jmp .cmp_loop
+.match:
+    mov esi, edi
+    pop edi
+    pop ebx
+    ret
+.mismatch:
+    pop edi
+.skip:                              ; to the next space or the end
+    test ecx, ecx
+    jz .none
+    cmp byte [edi], 0
+    je .none
+    cmp byte [edi], ' '
+    je .token
+    inc edi
+    dec ecx
+    jmp .skip
+.none:
+    xor esi, esi
+    pop ebx
+    ret
+
+; token_equals: ESI = token (ends at space or NUL), EDI = NUL-terminated word.
+; CF = 0 if they are equal, 1 if not. Preserves every register but flags.
+token_equals:
+    push eax
+    push esi
+    push edi
+.next:
+    mov al, [edi]
+    test al, al
+    jz .end_of_word
+    cmp al, [esi]
+    jne .differ
+    inc esi
+    inc edi
+    jmp .next
+.end_of_word:
+    mov al, [esi]
+    test al, al
+    jz .equal
+    cmp al, ' '
+    je .equal
+.differ:
+    stc
+    jmp .out
+.equal:
+    clc
+.out:
+    pop edi
+    pop esi
+    pop eax
+    ret
+
+; parse_number: ESI = decimal or 0x-hex digits ending at space or NUL.
+; EAX = value, CF = 1 if malformed (no digits, a bad character, over 32 bits).
+; Clobbers ECX, EDX, ESI.
+parse_number:
+    xor eax, eax
+    mov ecx, 10
+    cmp byte [esi], '0'
+    jne .first
+    mov dl, [esi + 1]
+    or dl, 0x20
+    cmp dl, 'x'
+    jne .first
+    add esi, 2
+    mov ecx, 16
+.first:
+    movzx edx, byte [esi]
+    call digit_value                ; EDX = value, CF on a non-digit
+    jc .bad
+.digit:
+    cmp edx, ecx
+    jae .bad
+    push edx
+    mul ecx                         ; EDX:EAX = EAX * base
+    test edx, edx
+    pop edx
+    jnz .bad
+    add eax, edx
+    jc .bad
+    inc esi
+    movzx edx, byte [esi]
+    test edx, edx
+    jz .ok
+    cmp edx, ' '
+    je .ok
+    call digit_value
+    jc .bad
+    jmp .digit
+.ok:
+    clc
+    ret
+.bad:
+    stc
+    ret
+
+; digit_value: EDX = character -> its value 0..15, CF = 1 if not a hex digit.
+digit_value:
+    cmp edx, '0'
+    jb .no
+    cmp edx, '9'
+    jbe .dec
+    or edx, 0x20
+    cmp edx, 'a'
+    jb .no
+    cmp edx, 'f'
+    ja .no
+    sub edx, 'a' - 10
+    clc
+    ret
+.dec:
+    sub edx, '0'
+    clc
+    ret
+.no:
+    stc
+    ret
+
+; putc: AL = byte to COM1. Preserves every register.
+putc:
+    push ecx
+    push edx
+    push eax
+    mov dx, COM1 + UART_LSR
+    mov ecx, TX_POLLS
+.wait:
+    in al, dx
+    test al, LSR_THRE
+    jnz .send
+    loop .wait
+.send:
+    pop eax
+    mov dx, COM1
+    out dx, al
+    pop edx
+    pop ecx
+    ret
+
+; puts: ESI = NUL-terminated string. Preserves every register.
+puts:
+    push eax
+    push esi
+.next:
+    lodsb
+    test al, al
+    jz .done
+    call putc
+    jmp .next
+.done:
+    pop esi
+    pop eax
+    ret
+
+newline:
+    push eax
+    mov al, 13
+    call putc
+    mov al, 10
+    call putc
+    pop eax
+    ret
+
+; put_hex32: EAX as 0x + 8 hex digits. Preserves every register.
+put_hex32:
+    push eax
+    push ecx
+    push edx
+    mov edx, eax
+    mov al, '0'
+    call putc
+    mov al, 'x'
+    call putc
+    mov ecx, 8
+.nibble:
+    rol edx, 4
+    mov al, dl
+    and al, 0x0F
+    add al, '0'
+    cmp al, '9'
+    jbe .out
+    add al, 'a' - '0' - 10
+.out:
+    call putc
+    loop .nibble
+    pop edx
+    pop ecx
+    pop eax
+    ret
+
+; put_dec: EAX as unsigned decimal. Preserves every register.
+put_dec:
+    push eax
+    push ebx
+    push ecx
+    push edx
+    mov ebx, 10
+    xor ecx, ecx
+.divide:
+    xor edx, edx
+    div ebx
+    push edx
+    inc ecx
+    test eax, eax
+    jnz .divide
+.emit:
+    pop eax
+    add al, '0'
+    call putc
+    loop .emit
+    pop edx
+    pop ecx
+    pop ebx
+    pop eax
+    ret
