@@ -213,3 +213,62 @@ def test_factory_errors(tmp_path: Path) -> None:
     assert (tmp_path / "ok.sock").stat().st_mode & 0o777 == 0o600
     dev.close()
     assert not (tmp_path / "ok.sock").exists()
+
+
+def test_a_megabyte_each_way_under_credit(rig: VsockRig, tmp_path: Path) -> None:
+    """The guest side plays a Linux-like driver: 64 KiB of receive space, credit updates as
+    it consumes, and sends only within the credit the device advertises."""
+    size = 1 << 20
+    down = bytes((i * 7) & 0xFF for i in range(size))  # host -> guest
+    up = bytes((i * 13) & 0xFF for i in range(size))  # guest -> host
+    server = unix_server(tmp_path / "v.sock_5000")
+    try:
+        window = 64 * 1024
+        rig.post_rx(8)
+        rig.send(hdr(Op.REQUEST, buf_alloc=window))
+        (resp,) = rig.wait_rx()
+        peer_alloc, peer_fwd = resp.buf_alloc, resp.fwd_cnt
+        conn, _ = server.accept()
+        with conn:
+            conn.setblocking(False)
+            received, sent, host_got = bytearray(), 0, bytearray()
+            host_sent = 0
+            update = False
+            deadline = time.monotonic() + 60
+            while (len(received) < size or len(host_got) < size) and time.monotonic() < deadline:
+                if host_sent < size:  # the host writes what its socket takes
+                    try:
+                        host_sent += conn.send(down[host_sent : host_sent + 65536])
+                    except BlockingIOError:
+                        pass
+                try:  # the host reads
+                    host_got += conn.recv(1 << 20)
+                except BlockingIOError:
+                    pass
+                credit = peer_alloc - (sent - peer_fwd)  # §5.10.6.3
+                n = min(credit, size - sent, 32 * 1024)
+                tx_idle = rig.g.tx.used_idx() == rig.g._tx_slot & 0xFFFF  # one packet at a time
+                if tx_idle and n > 0:  # every header carries our fwd_cnt: a credit update too
+                    rig.send(hdr(Op.RW, length=n, buf_alloc=window, fwd_cnt=len(received)),
+                             up[sent : sent + n])
+                    sent += n
+                    update = False
+                elif tx_idle and update:
+                    rig.send(hdr(Op.CREDIT_UPDATE, buf_alloc=window, fwd_cnt=len(received)))
+                    update = False
+                got = rig.g.received()
+                for r in got:
+                    if Op(r.op) is Op.RW:
+                        received += r.payload
+                    peer_alloc, peer_fwd = r.buf_alloc, r.fwd_cnt
+                if got:
+                    rig.post_rx(len(got))
+                    update = True
+                if not got and n <= 0:
+                    time.sleep(0.001)
+            assert bytes(received) == down and bytes(host_got) == up
+            c = rig.vsock.muxer.conns[(5000, 1000)] if rig.vsock.muxer else None
+            assert c is not None and c.tx_cnt == size and c.fwd_cnt == size
+    finally:
+        server.close()
+    assert rig.events.events() == []
