@@ -14,7 +14,7 @@ from isovisor.devices.ratelimit import RateLimiter
 from isovisor.devices.tap import Tap
 from isovisor.devices.virtio import constants as c
 from isovisor.devices.virtio.net import RX_QUEUE, TX_QUEUE, NetBackend, VirtioNet
-from isovisor.devices.virtio.net_header import HEADER_SIZE, F_MAC, F_MRG_RXBUF, NetHeader
+from isovisor.devices.virtio.net_header import F_MAC, F_MRG_RXBUF, HEADER_SIZE, NetHeader
 from tests.devices.virtio import OK, FakeDriver, Rig, wait_for
 from tests.devices.virtio.netns import ETH_P_TEST, NetNs, eth_frame
 

@@ -148,7 +148,27 @@ class NetNs:
         return name
 
     def open_tap(self, name: str) -> Tap:
-        return self.call(lambda: open_tap(name))
+        """Attach to TAP `name` and wait until it can carry frames (see wait_carrier)."""
+        tap = self.call(lambda: open_tap(name))
+        try:
+            self.wait_carrier(name)
+        except BaseException:
+            tap.close()
+            raise
+        return tap
+
+    def wait_carrier(self, name: str, timeout: float = 10.0) -> None:
+        """Wait until `name` has carrier and a real qdisc. A TAP gets carrier when a reader
+        attaches, but the kernel's linkwatch swaps its noop qdisc for a real one only up to
+        a second later: frames sent to it before then are silently dropped."""
+        end = time.monotonic() + timeout
+        while True:
+            line = _ip("-n", self.name, "-o", "link", "show", "dev", name).stdout
+            if "LOWER_UP" in line and "qdisc noop" not in line:
+                return
+            if time.monotonic() > end:
+                raise AssertionError(f"{name} has no carrier: {line}")
+            time.sleep(0.02)
 
     def packet_socket(self, ifname: str, proto: int = ETH_P_ALL) -> socket.socket:
         """A raw AF_PACKET socket bound to `ifname` in this namespace."""

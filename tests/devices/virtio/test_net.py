@@ -202,7 +202,7 @@ def test_mergeable_frame_spreads_over_several_buffers(rig: NetRig, tap: tuple) -
     rig.post_rx(8, size=256)
     sent = peer.send(bytes(range(256)) * 4)  # a 1038-byte frame: 1050 with the header
     assert wait_for(lambda: rig.rx.used_idx() >= 5)
-    hdr, frame, nbufs = rig.rx_packet(0)
+    _hdr, frame, nbufs = rig.rx_packet(0)
     assert frame == sent and nbufs == 5
     # §5.1.6.4.1: every buffer but the last is used completely.
     assert [rig.rx.used_elem(i)[1] for i in range(5)] == [256, 256, 256, 256, 26]
