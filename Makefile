@@ -7,9 +7,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages the project needs: assembler for test guests, QEMU as the conformance
 # reference and benchmark peer, acpica for ACPI table checks, swtpm for the TPM,
-# busybox-static for initramfs, lz4 for extracting the stock kernel.
+# busybox-static for initramfs, lz4 for extracting the stock kernel, e2fsprogs for the
+# ext4 image the test kernel mounts from virtio-blk.
 APT_PACKAGES := nasm qemu-system-x86 acpica-tools swtpm swtpm-tools busybox-static lz4 \
-                python3-venv libseccomp2
+                python3-venv libseccomp2 e2fsprogs
 
 GUEST_SRCS := $(wildcard guests/*.asm)
 GUEST_ELFS := $(patsubst guests/%.asm,guests/build/%.elf,$(GUEST_SRCS))
