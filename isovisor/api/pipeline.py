@@ -29,13 +29,22 @@ import anyio.to_thread
 
 from isovisor.api.tls import PEER_KEY, PeerCertificate
 from isovisor.host.access import AccessStore
-from isovisor.host.errors import Forbidden, HostError, NotFound, Unauthenticated
+from isovisor.host.errors import (
+    Forbidden,
+    HostError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+)
 from isovisor.security.pki import RevocationList
 from isovisor.security.rbac import Authorizer, Decision, Scope
 
 log = logging.getLogger(__name__)
 
 CONTEXT_KEY = "isovisor.context"
+# JSON bodies are small; only image uploads (streamed to disk, capped by the image store)
+# may be larger. A bigger body is refused before the application parses it.
+MAX_BODY = 1 << 20
 _KIND = {"tenants": "tenant", "vms": "VM", "images": "image"}
 
 
@@ -142,6 +151,16 @@ class RequestContext:
         self.public = True
 
 
+def _content_length(scope: dict[str, Any]) -> int:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
 def error_body(code: str, message: str, request_id: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message,
                                  "requestId": request_id}}).encode()
@@ -179,10 +198,29 @@ class RequestPipeline:
             await self._answer_error(ctx, send, failure)
             return
         started = False
+        limit = None if scope["method"] == "PUT" and "/images/" in scope["path"] else MAX_BODY
+        received = 0
+        too_large = limit is not None and _content_length(scope) > limit
+        if too_large:
+            await self._answer_error(ctx, send, PayloadTooLarge(
+                f"request bodies are limited to {MAX_BODY} bytes"))
+            return
+
+        async def guarded_receive() -> dict[str, Any]:
+            nonlocal received, too_large
+            message: dict[str, Any] = await receive()
+            if limit is not None and message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    too_large = True  # the app may swallow this; guarded_send will not
+                    raise _TooLargeError()
+            return message
 
         async def guarded_send(message: dict[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start" and not started:
+                if too_large:
+                    raise _TooLargeError()
                 started = True
                 status = int(message["status"])
                 if status < 400 and ctx.action is None and not ctx.public:
@@ -196,7 +234,11 @@ class RequestPipeline:
             await send(message)
 
         try:
-            await self.app(scope, receive, guarded_send)
+            await self.app(scope, guarded_receive, guarded_send)
+        except _TooLargeError:
+            if not started:
+                await self._answer_error(ctx, send, PayloadTooLarge(
+                    f"request bodies are limited to {MAX_BODY} bytes"))
         except _UnauthorizedError:
             await self._answer_error(ctx, send, HostError(
                 "the server failed to authorize this request"), observe=True)
@@ -274,4 +316,8 @@ class _UnauthorizedError(Exception):
 
 
 class _ObserverFailedError(Exception):
+    pass
+
+
+class _TooLargeError(Exception):
     pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -107,3 +108,21 @@ def test_openapi_needs_a_certificate_but_no_role(stack: Stack) -> None:
     with stack.client(stack.identity("nobody")) as c:
         doc = c.get("/openapi.json").json()
     assert doc["info"]["title"] == "isovisor"
+
+
+def test_oversized_json_bodies_are_refused(stack: Stack) -> None:
+    with stack.client(stack.ids["admin"]) as admin:
+        r = admin.post("/v1/tenants", content=b"{" + b" " * (2 << 20) + b"}",
+                       headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PayloadTooLarge"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b"{"
+        for _ in range(40):
+            yield b" " * 65536
+        yield b"}"
+
+    with stack.client(stack.ids["admin"]) as admin:
+        r = admin.post("/v1/tenants", content=chunks(),
+                       headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PayloadTooLarge"
