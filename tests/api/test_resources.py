@@ -100,6 +100,14 @@ def test_custom_role_and_vm_scoped_assignment(stack: Stack) -> None:
         root_grab = c.post("/v1/roleAssignments", json={
             "principal": owner.name, "role": "Host Admin", "scope": "/"})
         assert root_grab.status_code == 403
+        # no escalation: an Owner lacks quotas/write and audit/read, so it can neither
+        # define a role granting them nor assign one that does
+        everything = c.post("/v1/roleDefinitions", json={
+            "name": "Everything", "actions": ["*"], "scope": "/tenants/custom"})
+        assert everything.status_code == 403 and "quotas/write" in everything.text
+        auditor = c.post("/v1/roleAssignments", json={
+            "principal": owner.name, "role": "Auditor", "scope": "/tenants/custom"})
+        assert auditor.status_code == 403 and "audit/read" in auditor.text
     with stack.client(starter) as s:
         assert s.post("/v1/tenants/custom/vms/v1/start").json()["state"] == "running"
         assert s.post("/v1/tenants/custom/vms/v1/stop").status_code == 403

@@ -15,9 +15,17 @@ from isovisor.api.schemas import (
     RoleDefinitionOut,
 )
 from isovisor.host.access import parse_scope
-from isovisor.host.errors import Forbidden, NotFound
+from isovisor.host.errors import Forbidden, InvalidRequest, NotFound
 from isovisor.host.models import RoleAssignment
-from isovisor.security.rbac import ROOT, Decision, Scope, actions
+from isovisor.security.rbac import (
+    ROOT,
+    Decision,
+    RbacError,
+    RoleDefinition,
+    Scope,
+    actions,
+    custom_role,
+)
 
 router = APIRouter(tags=["access"], responses=ERROR_RESPONSES)
 _SCOPE_Q = Query("/", max_length=200, description="a scope such as / or /tenants/t")
@@ -47,8 +55,17 @@ def create_assignment(body: RoleAssignmentCreate, ctx: Ctx, svc: Svc,
                       idempotency_key: IdempotencyKey = None) -> Response:
     scope = parse_scope(body.scope)
     ctx.authorize(actions.ROLE_ASSIGNMENTS_WRITE, scope)
+    _no_escalation(ctx, svc.access.find_role(body.role, scope), scope)
     return idempotent_create(ctx, svc, idempotency_key, body, lambda: RoleAssignmentOut.of(
         svc.access.assign(body.principal, body.role, scope, ctx.principal)))
+
+
+def _no_escalation(ctx: Ctx, role: RoleDefinition, scope: Scope) -> None:
+    """Nobody grants what they do not hold themselves at that scope."""
+    missing = ctx.authorizer.missing_for_grant(role, scope)
+    if missing:
+        raise Forbidden(f"{ctx.principal!r} cannot grant actions it does not hold at {scope}: "
+                        + ", ".join(missing))
 
 
 def _assignment(ctx: Ctx, svc: Svc, assignment_id: str, action: str) -> RoleAssignment:
@@ -100,6 +117,11 @@ def create_role(body: RoleDefinitionCreate, ctx: Ctx, svc: Svc,
                 idempotency_key: IdempotencyKey = None) -> Response:
     at = parse_scope(body.scope)
     ctx.authorize(actions.ROLE_DEFINITIONS_WRITE, at)
+    try:
+        role = custom_role(body.name, body.description, body.actions, body.not_actions, at)
+    except RbacError as exc:
+        raise InvalidRequest(str(exc)) from None
+    _no_escalation(ctx, role, at)
     return idempotent_create(ctx, svc, idempotency_key, body, lambda: RoleDefinitionOut.of(
         svc.access.create_role(body.name, body.description, body.actions, body.not_actions,
                                at)))

@@ -11,6 +11,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from isovisor.security.rbac.actions import ALL_ACTIONS
 from isovisor.security.rbac.roles import RoleDefinition
 from isovisor.security.rbac.scopes import Scope
 
@@ -57,3 +58,11 @@ class Authorizer:
         return any(
             scope.related(g.scope) and g.role.grants(action) for g in self.grants
         )
+
+    def missing_for_grant(self, role: RoleDefinition, scope: Scope) -> tuple[str, ...]:
+        """The actions `role` grants that this principal does not hold at `scope`.
+
+        Granting (defining or assigning a role) is limited to what the granter holds, so
+        an Owner, who lacks quotas/write, cannot define a role with `*` and assign it to
+        itself. Wildcards are judged on the concrete action catalogue."""
+        return tuple(a for a in ALL_ACTIONS if role.grants(a) and not self.allows(a, scope))

@@ -121,3 +121,13 @@ def test_allow_implies_a_grant_at_or_above(grants: list[tuple[str, Scope]], acti
         assert any(s.contains(scope) and BUILTIN_ROLES[r].grants(action) for r, s in grants)
     if decision is Decision.HIDDEN:
         assert scope != ROOT and not any(s.related(scope) for _, s in grants)
+
+
+def test_granting_is_limited_to_what_the_granter_holds() -> None:
+    owner = Authorizer("o", [Grant(BUILTIN_ROLES["Owner"], Scope.tenant("a"))])
+    everything = custom_role("All", "", ["*"], [], Scope.tenant("a"))
+    assert "quotas/write" in owner.missing_for_grant(everything, Scope.tenant("a"))
+    assert owner.missing_for_grant(BUILTIN_ROLES["Reader"], Scope.tenant("a")) == ()
+    assert owner.missing_for_grant(BUILTIN_ROLES["Reader"], Scope.tenant("b")) != ()
+    admin = Authorizer("h", [Grant(BUILTIN_ROLES["Host Admin"], ROOT)])
+    assert admin.missing_for_grant(everything, Scope.tenant("a")) == ()
