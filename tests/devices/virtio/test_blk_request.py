@@ -80,7 +80,7 @@ types = st.sampled_from([int(t) for t in RequestType]) | st.integers(0, 0xFFFF_F
 sectors = st.integers(0, U64_MAX) | st.integers(0, 4096) | st.sampled_from([U64_MAX >> 9])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(descriptor, min_size=1, max_size=6), types, sectors, st.binary(max_size=256))
 def test_nothing_unchecked_gets_through(
     descs: list[Descriptor], rtype: int, sector: int, segtable: bytes
