@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # busybox-static for initramfs, lz4 for extracting the stock kernel, e2fsprogs for the
 # ext4 image the test kernel mounts from virtio-blk.
 APT_PACKAGES := nasm qemu-system-x86 acpica-tools swtpm swtpm-tools busybox-static lz4 \
-                python3-venv libseccomp2 e2fsprogs
+                python3-venv libseccomp2 e2fsprogs dnsmasq-base
 
 GUEST_SRCS := $(wildcard guests/*.asm)
 GUEST_ELFS := $(patsubst guests/%.asm,guests/build/%.elf,$(GUEST_SRCS))
