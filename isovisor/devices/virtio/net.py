@@ -526,9 +526,9 @@ class VirtioNet(VirtioDevice):
         spill = memoryview(self._spill)
         try:
             while frame.spill:
-                if len(frame.used) >= QUEUE_SIZE:
-                    # More chains than a ring holds and still no room: tiny buffers. Drop
-                    # the frame and keep its chains for the next one (their data is stale).
+                if len(frame.used) >= queue.size:
+                    # A whole ring of chains and still no room (tiny buffers): it can never
+                    # fit. Drop it and keep the chains for the next frame.
                     self.net_stats.rx_dropped += 1
                     self._rx_spare.extendleft(c for c, _ in reversed(frame.used))
                     self._rx_frame = None

@@ -374,3 +374,17 @@ def test_frame_addressed_elsewhere_is_still_delivered(rig: NetRig, tap: tuple) -
     assert wait_for(lambda: rig.rx.used_idx() == 1)
     assert rig.rx_packet(0)[1] == sent
     assert sent[12:14] == ETH_P_TEST.to_bytes(2, "big")
+
+
+def test_frame_that_cannot_fit_a_whole_ring_is_dropped(rig: NetRig, tap: tuple) -> None:
+    """16 buffers of 16 bytes hold 256 bytes: a 1000-byte frame is dropped rather than
+    holding every buffer forever; the buffers then serve a frame that fits."""
+    peer: TapPeer = tap[2]
+    rig.up(MERGEABLE)
+    rig.post_rx(16, size=16)
+    peer.send(bytes(1000))
+    assert wait_for(lambda: rig.dev.net_stats.rx_dropped == 1)
+    small = peer.send(b"fits")  # 60 bytes + 12: five 16-byte buffers
+    assert wait_for(lambda: rig.rx.used_idx() == 5)
+    _, frame, nbufs = rig.rx_packet(0)
+    assert frame == small and nbufs == 5
