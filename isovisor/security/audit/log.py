@@ -36,6 +36,7 @@ from isovisor.security.audit.entry import (
     Entry,
     EntryType,
     canonical,
+    check_depth,
     check_kind,
     decode,
     encode,
@@ -183,6 +184,7 @@ class AuditLog:
         """
         check_kind(kind)
         fields = {"type": EntryType.RECORD.value, "kind": kind, "data": dict(data)}
+        check_depth(fields["data"])
         with self._lock:
             self._check_open()
             entry = self._write(fields)
@@ -262,7 +264,7 @@ class AuditLog:
         if sign:
             message = SIGNATURE_CONTEXT + canonical(full)
             full["sig"] = base64.b64encode(self._key.sign(message)).decode("ascii")
-        entry = encode(full)
+        entry = encode(full, check=False)
         data = entry.line + b"\n"
         try:
             n = os.write(self._fd, data)

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from isovisor.security.audit import (
     AuditBusyError,
@@ -309,3 +311,33 @@ def test_forwarder_sees_entries_only_once_durable(tmp_path: Path,
     log.close()
     assert seen[-1].fields["reason"] == "close"
     assert [e.seq for e in seen] == list(range(len(seen)))
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                  max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.dictionaries(st.text(max_size=10), _json, max_size=4))
+def test_whatever_the_writer_accepts_reads_back_and_verifies(
+        tmp_path_factory: pytest.TempPathFactory, key: AuditSigningKey,
+        data: dict[str, object]) -> None:
+    d = tmp_path_factory.mktemp("any") / "a"
+    with AuditLog(cfg(d), key) as log:
+        log.append("t.rec", data)
+    assert records(d)[0].fields["data"] == data
+    assert verify_log(d, key.public_key).status is Status.VERIFIED
+
+
+def test_deep_nesting_is_refused(tmp_path: Path, key: AuditSigningKey) -> None:
+    deep: object = "x"
+    for _ in range(40):
+        deep = [deep]
+    with AuditLog(cfg(tmp_path / "a"), key) as log, \
+            pytest.raises(AuditRecordError, match="nested deeper"):
+        log.append("t.rec", {"d": deep})
