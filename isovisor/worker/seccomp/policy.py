@@ -48,8 +48,10 @@ DEVICE_IOCTLS = (k.KVM_IRQ_LINE,)
 TAP_IOCTLS: tuple[int, ...] = (TUNSETOFFLOAD,)
 
 MEMORY = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")
+# restart_syscall: the kernel's way back into a sleep (nanosleep, futex, poll) that a
+# signal interrupted, e.g. a vCPU kick; every thread can hit it.
 THREADS = ("futex", "set_robust_list", "rseq", "sched_yield", "gettid", "getpid",
-           "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "exit")
+           "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "exit", "restart_syscall")
 TIME = ("clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday")
 IO = ("read", "write", "readv", "writev", "close")
 BLOCK_IO = ("pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2", "fsync",
