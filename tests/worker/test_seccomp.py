@@ -230,3 +230,38 @@ def describe(status: int) -> str:
     from isovisor.worker.security_report import describe_status
 
     return describe_status(status)
+
+
+def test_a_sleep_interrupted_by_stop_and_continue_resumes_under_the_filters() -> None:
+    """SIGSTOP/SIGCONT during a sleep resumes it through restart_syscall."""
+    import time
+
+    prog = compile_bpf(policy.base())
+    control = compile_bpf(policy.control())
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import ctypes
+
+            os.close(r)
+            ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
+            install(prog)
+            install(control)
+            os.write(w, b".")
+            # a relative nanosleep resumes through restart_syscall (an absolute
+            # clock_nanosleep, like time.sleep's, would simply be reissued)
+            ts = (ctypes.c_long * 2)(1, 0)
+            ctypes.CDLL(None).nanosleep(ts, None)
+            os._exit(0)
+        finally:
+            os._exit(1)
+    os.close(w)
+    os.read(r, 1)
+    os.close(r)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGCONT)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, describe(status)
