@@ -13,6 +13,7 @@ import pytest
 from isovisor.cli.disk_option import parse_disk_option
 from isovisor.devices.ratelimit import BucketSpec
 from isovisor.devices.virtio.blk_disk import DiskSpec
+from isovisor.kvm import Kvm
 from tests.conftest import REPO
 from tests.devices.virtio.blk_helpers import make_image
 
@@ -93,3 +94,41 @@ def test_cli_missing_disk_is_named(tmp_path: Path) -> None:
     r = run_cli("--no-jail", "--kernel", str(kernel), "--disk", str(missing))
     assert r.returncode == 1, r.stderr
     assert f"isovisor: disk {missing} does not exist" in r.stderr
+
+
+@pytest.mark.kvm
+def test_builder_attaches_disks_after_rng_in_order(
+    kvm: Kvm, built_guests: dict[str, Path], tmp_path: Path
+) -> None:
+    from isovisor.devices.virtio.blk import VirtioBlk
+    from isovisor.devices.virtio.blk_disk import Disk
+    from isovisor.vmm.builder import Machine, SerialSpec, VmSpec
+
+    a, b = make_image(tmp_path / "a.img", 8), make_image(tmp_path / "b.img", 16)
+    spec = VmSpec(kernel=built_guests["hello"], memory=32 << 20, serial=SerialSpec(target="none"),
+                  rng=True, disks=(DiskSpec(a), DiskSpec(b, readonly=True)))
+    m = Machine(spec, kvm)
+    try:
+        kinds = [t.device.name for t in m.virtio]
+        assert kinds == ["virtio-rng", "virtio-blk", "virtio-blk"]
+        blks = [t.device for t in m.virtio[1:]]
+        assert all(isinstance(d, VirtioBlk) for d in blks)
+        assert [d.disk.path for d in m.disks] == [a, b]
+        assert [s.base for s in m.virtio_slots] == [0xD0000000, 0xD0001000, 0xD0002000]
+        assert m.disks[1].readonly and not m.disks[0].readonly
+    finally:
+        m.close()
+    # Teardown closed the images: the exclusive lock on `a` is free again.
+    Disk.open(DiskSpec(a)).close()
+
+
+@pytest.mark.kvm
+def test_builder_names_a_bad_disk(kvm: Kvm, built_guests: dict[str, Path], tmp_path: Path) -> None:
+    from isovisor.vmm.builder import Machine, SerialSpec, VmSpec
+    from isovisor.vmm.vm import VmError
+
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 700)
+    with pytest.raises(VmError, match=f"disk {odd} is 700 bytes"):
+        Machine(VmSpec(kernel=built_guests["hello"], memory=32 << 20,
+                       serial=SerialSpec(target="none"), disks=(DiskSpec(odd),)), kvm)
