@@ -26,6 +26,7 @@ from isovisor.security.audit.keys import load_or_generate_key
 from isovisor.security.audit.log import AuditConfig, AuditLog, Forwarder
 from isovisor.security.audit.recorders import (
     REQUEST_KIND,
+    SECURITY_AUTH_FAILURE,
     SECURITY_QUOTA_REFUSED,
     VM_LIFECYCLE_KIND,
     clip,
@@ -37,6 +38,11 @@ log = logging.getLogger("isovisor.security.audit")
 AUDIT_DIR_NAME = "audit"  # STATE_DIR/audit
 KEY_PATH = Path("keys") / "audit.key"  # STATE_DIR/keys/audit.key
 SecurityEventHook = Callable[[str, str, str], None]
+# API error codes that are security events too (besides the request's own record).
+_SECURITY_ERRORS = {"QuotaExceeded": SECURITY_QUOTA_REFUSED,
+                    "Unauthenticated": SECURITY_AUTH_FAILURE}
+# The API server's names for security events, mapped to the audit log's.
+_KIND_ALIASES = {"authentication_failure": SECURITY_AUTH_FAILURE}
 
 
 class RequestFacts(Protocol):
@@ -136,11 +142,14 @@ class HostAudit:
 
     def record_request(self, request: RequestFacts) -> None:
         """Raises AuditError when the record cannot be made durable: fail closed."""
-        if request.error_code == "QuotaExceeded":
+        # Security events a request reveals; fsynced with the request's record after them.
+        kind = _SECURITY_ERRORS.get(request.error_code or "")
+        if kind is not None:
             record_security_event(
-                self.log, kind=SECURITY_QUOTA_REFUSED, source="api",
-                detail=f"{request.principal} {request.method} {request.path}",
-                scope=request.scope, durable=False)  # fsynced with the request's record
+                self.log, kind=kind, source="api", durable=False,
+                detail=f"{request.principal or 'no certificate'} {request.method} "
+                       f"{request.path} from {request.client} [{request.request_id}]",
+                scope=request.scope)
         read_only = (request.method in ("GET", "HEAD") and request.status < 400)
         self.log.append(REQUEST_KIND, request_data(request),
                         durable=self.durable_reads or not read_only)
@@ -159,6 +168,7 @@ class HostAudit:
     def security_event(self, kind: str, detail: str, client: str) -> None:
         """The ApiServer's security hook; never raises into the server."""
         try:
+            kind = _KIND_ALIASES.get(kind, kind)
             record_security_event(self.log, kind=kind, source="api",
                                   detail=f"{detail} (client {client})", durable=False)
         except Exception:

@@ -47,6 +47,9 @@ def test_hooks_record_requests_transitions_and_security_events(tmp_path: Path) -
     audit.record_request(_request())
     audit.record_request(_request(request_id="r2", status=409, outcome="failure",
                                   error_code="QuotaExceeded", scope="/tenants/t/vms/v"))
+    audit.record_request(_request(request_id="r3", status=401, outcome="failure",
+                                  error_code="Unauthenticated", principal=None,
+                                  action=None, scope=None, decision=None))
     audit.record_transition(LifecycleEvent("t", "v", "id1", VmState.STOPPED,
                                            VmState.STARTING, "start requested", "alice",
                                            "2026-01-01T00:00:00Z"))
@@ -57,12 +60,14 @@ def test_hooks_record_requests_transitions_and_security_events(tmp_path: Path) -
     got = [(e.kind, e.fields["data"]) for _, e in read_entries(tmp_path / AUDIT_DIR_NAME)
            if e.kind != "audit.opened" and e.type.value == "record"]
     kinds = [k for k, _ in got]
-    assert kinds == ["api.request", "security.quota-refused", "api.request", "vm.lifecycle",
-                     "vm.lifecycle", "security.authentication_failure"]
+    assert kinds == ["api.request", "security.quota-refused", "api.request",
+                     "security.auth-failure", "api.request", "vm.lifecycle", "vm.lifecycle",
+                     "security.auth-failure"]
     assert got[0][1]["principal"] == "alice" and got[0][1]["decision"] == "allow"
-    assert got[3][1]["from"] == "stopped" and got[3][1]["to"] == "starting"
-    assert got[4][1]["to"] == "deleted"
-    assert "10.0.0.9:1" in got[5][1]["detail"]
+    assert "no certificate" in got[3][1]["detail"] and got[4][1]["status"] == 401
+    assert got[5][1]["from"] == "stopped" and got[5][1]["to"] == "starting"
+    assert got[6][1]["to"] == "deleted"
+    assert "10.0.0.9:1" in got[7][1]["detail"]
     public = load_public_key((tmp_path / KEY_PATH).with_suffix(".pub"))
     assert verify_log(tmp_path / AUDIT_DIR_NAME, public).status is Status.VERIFIED
 
