@@ -162,6 +162,11 @@ class VmLifecycle:
         with self._locks_guard:
             self._locks.pop(vm.id, None)
 
+    def send_console(self, vm: Vm, data: bytes) -> None:
+        if vm.state not in (VmState.RUNNING, VmState.PAUSED):
+            raise InvalidState(f"VM {vm.name!r} is {vm.state}; console input needs it running")
+        self.runner.send_console(self._handle(vm), data)
+
     def console_path(self, vm: Vm) -> Path | None:
         return None if vm.handle is None else self.runner.console_path(self._handle(vm))
 

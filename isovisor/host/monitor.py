@@ -1,16 +1,24 @@
 """The per-VM monitor: `python -m isovisor.host.monitor RUN_DIR -- COMMAND...`.
 
 It starts the VMM process, records its pid, forwards SIGTERM to it, waits, and writes the
-exit status to RUN_DIR/exit.json. It detaches (double fork, own session), so it and its VM
-outlive a daemon restart; the restarted daemon re-adopts it and still learns how the VM ended (as
-conmon does for containers). It imports nothing of isovisor: it must start fast."""
+exit status to RUN_DIR/exit.json. It detaches (double fork, own session), so it and its
+VM outlive a daemon restart; the restarted daemon re-adopts it and still learns how the
+VM ended (as conmon does for containers).
+
+It also owns the VM's console input: the VMM connects to RUN_DIR/serial.sock (`isovisor
+run --serial-input unix:...`), the daemon writes input to RUN_DIR/input.sock, and the
+monitor relays it, so input works across daemon restarts too. It imports nothing of
+isovisor: it must start fast."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +27,9 @@ MONITOR_PID = "monitor.pid"
 CHILD_PID = "vmm.pid"
 EXIT_FILE = "exit.json"
 VMM_LOG = "vmm.log"
+SERIAL_SOCKET = "serial.sock"  # the VMM connects here for COM1 input
+INPUT_SOCKET = "input.sock"  # the daemon sends console input here
+MAX_PENDING_INPUT = 64 << 10  # input held until the VMM connects; more is dropped
 PR_SET_PDEATHSIG = 1
 
 
@@ -41,7 +52,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print("usage: python -m isovisor.host.monitor RUN_DIR -- COMMAND...", file=sys.stderr)
         return 2
-    run_dir, command = Path(argv[0]), argv[2:]
+    run_dir, command = Path(argv[0]).resolve(), argv[2:]
     # Detach: the process that started us exits now, so the monitor is nobody's child
     # (init reaps it) and the same whether the daemon that started it still runs or not.
     pid = os.fork()
@@ -63,16 +74,88 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    log = open(run_dir / VMM_LOG, "ab")  # noqa: SIM115 (lives as long as the process)
+    # Relative names (the monitor and the VMM run in RUN_DIR): a socket path is limited
+    # to 108 bytes, a state directory is not.
+    os.chdir(run_dir)
+    serial = _listen(Path(SERIAL_SOCKET))
+    inputs = _listen(Path(INPUT_SOCKET))
+    log = open(VMM_LOG, "ab")  # noqa: SIM115 (lives as long as the process)
     child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                              preexec_fn=_die_with_parent, close_fds=True)
     children.append(child)
     _write_atomic(run_dir / CHILD_PID, str(child.pid))
     if stop_requested:  # SIGTERM arrived while the VMM was being spawned
         forward(stop_requested[0], None)
+    _relay_until_exit(child, serial, inputs)
     code = child.wait()
     _write_atomic(run_dir / EXIT_FILE, json.dumps({"returncode": code}))
     return 0
+
+
+def _listen(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    os.chmod(path, 0o600)
+    s.listen(4)
+    s.setblocking(False)
+    return s
+
+
+def _relay_until_exit(child: subprocess.Popen[bytes], serial: socket.socket,
+                      inputs: socket.socket) -> None:
+    """Relay console input to the VMM until the VMM exits (its pidfd becomes readable)."""
+    sel = selectors.DefaultSelector()
+    pidfd = os.pidfd_open(child.pid)
+    sel.register(pidfd, selectors.EVENT_READ, "exit")
+    sel.register(serial, selectors.EVENT_READ, "serial")
+    sel.register(inputs, selectors.EVENT_READ, "inputs")
+    vmm: socket.socket | None = None
+    pending = b""
+    while True:
+        for key, _ in sel.select():
+            what = key.data
+            if what == "exit":
+                return
+            if what == "serial":
+                conn, _ = serial.accept()
+                if vmm is not None:
+                    conn.close()  # one VMM, one connection
+                    continue
+                vmm = conn
+                vmm.settimeout(2.0)  # a VMM that stops reading must not wedge the monitor
+                sel.register(vmm, selectors.EVENT_READ, "vmm")
+            elif what == "vmm":
+                assert vmm is not None
+                if not vmm.recv(4096):  # the VMM closed its end
+                    sel.unregister(vmm)
+                    vmm.close()
+                    vmm = None
+                continue
+            elif what == "inputs":
+                conn, _ = inputs.accept()
+                conn.setblocking(True)
+                conn.settimeout(2.0)
+                sel.register(conn, selectors.EVENT_READ, "input")
+                continue
+            else:  # input bytes from the daemon
+                conn = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(conn)
+                    conn.close()
+                    continue
+                pending = (pending + data)[:MAX_PENDING_INPUT]
+            if vmm is not None and pending:
+                try:
+                    vmm.sendall(pending)
+                except OSError:
+                    pass
+                pending = b""
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -93,6 +94,7 @@ class VmRunner(Protocol):
     def alive(self, handle: VmHandle) -> bool: ...
     def exit_info(self, handle: VmHandle) -> VmExit: ...
     def console_path(self, handle: VmHandle) -> Path: ...
+    def send_console(self, handle: VmHandle, data: bytes) -> None: ...
     def metrics(self, handle: VmHandle) -> VmMetrics: ...
 
 
@@ -124,7 +126,8 @@ def default_command(launch: Launch, console: Path) -> list[str]:
     """`isovisor run` for this launch (the jailed worker replaces this in one place)."""
     cmd = [sys.executable, "-m", "isovisor.cli.main", "run", "--kernel", str(launch.kernel),
            "--memory", f"{launch.memory_mib}M", "--vcpus", str(launch.vcpus),
-           "--serial", f"file:{console}", "--serial-input", "none"]
+           "--serial", f"file:{console}",
+           "--serial-input", f"unix:{monitor.SERIAL_SOCKET}"]  # relative to RUN_DIR
     if launch.initrd is not None:
         cmd += ["--initrd", str(launch.initrd)]
     if launch.cmdline:
@@ -135,7 +138,7 @@ def default_command(launch: Launch, console: Path) -> list[str]:
 class SubprocessRunner:
     def __init__(self, run_root: Path,
                  command: Callable[[Launch, Path], list[str]] = default_command) -> None:
-        self.run_root = run_root
+        self.run_root = run_root.resolve()
         self.command = command
         run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -264,6 +267,21 @@ class SubprocessRunner:
 
     def console_path(self, handle: VmHandle) -> Path:
         return Path(handle.run_dir) / CONSOLE_LOG
+
+    def send_console(self, handle: VmHandle, data: bytes) -> None:
+        """Hand console input to the VM's monitor, which relays it to COM1."""
+        try:
+            # through a directory fd: socket paths are limited to 108 bytes
+            dir_fd = os.open(handle.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(5.0)
+                    s.connect(f"/proc/self/fd/{dir_fd}/{monitor.INPUT_SOCKET}")
+                    s.sendall(data)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise RunnerError(f"cannot deliver console input: {exc.strerror or exc}") from exc
 
     def metrics(self, handle: VmHandle) -> VmMetrics:
         """CPU time and resident memory summed over the VM's processes."""

@@ -56,6 +56,10 @@ class InertRunner:
     def console_path(self, handle: VmHandle) -> Path:
         return Path(handle.run_dir) / "console.log"
 
+    def send_console(self, handle: VmHandle, data: bytes) -> None:
+        with open(Path(handle.run_dir) / "console.log", "ab") as f:
+            f.write(b"input: " + data)
+
     def metrics(self, handle: VmHandle) -> VmMetrics:
         return VmMetrics(cpu_seconds=0.0, rss_bytes=0, console_bytes=14)
 

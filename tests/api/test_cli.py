@@ -57,8 +57,8 @@ def test_tenant_vm_role_commands(cli_config: Path, stack: Stack,
     assert code == 0 and "running" in out
     code, out, _ = run(capsys, "vm", "list", "-t", "clit", "-o", "json")
     assert code == 0 and json.loads(out)[0]["name"] == "web"
-    code, out, _ = run(capsys, "vm", "console", "web", "-t", "clit")
-    assert code == 0 and "inert console" in out
+    code, out, _ = run(capsys, "vm", "console", "web", "-t", "clit", "--send", "hi")
+    assert code == 0 and "inert console" in out and "input: hi" in out
     assert run(capsys, "vm", "stop", "web", "-t", "clit")[0] == 0
     code, _, err = run(capsys, "vm", "show", "nope", "-t", "clit")
     assert code == 1 and "NotFound: VM 'nope' not found (request " in err

@@ -125,6 +125,9 @@ ENDPOINTS: dict[tuple[str, str], tuple[str | None, str, Prepare]] = {
         "vms/metrics/read", "tenant", lambda s, t: Target({"tenant": t, "vm": "base"})),
     ("GET", "/v1/tenants/{tenant}/vms/{vm}/console"): (
         "vms/console/action", "tenant", lambda s, t: Target({"tenant": t, "vm": "base"})),
+    ("POST", "/v1/tenants/{tenant}/vms/{vm}/console"): (
+        "vms/console/action", "tenant",
+        lambda s, t: Target({"tenant": t, "vm": "base"}, content=b"x")),
     ("GET", "/v1/tenants/{tenant}/images"): ("images/read", "tenant",
                                              lambda s, t: Target({"tenant": t})),
     ("PUT", "/v1/tenants/{tenant}/images/{image}"): (
@@ -163,6 +166,7 @@ ENDPOINTS: dict[tuple[str, str], tuple[str | None, str, Prepare]] = {
     ("GET", "/v1/audit"): ("audit/read", "root", lambda s, t: Target({})),
 }
 SUCCESS = {"GET": 200, "POST": 200, "PUT": 200, "DELETE": 204}
+NO_CONTENT = {("POST", "/v1/tenants/{tenant}/vms/{vm}/console")}
 CREATED = {("POST", "/v1/tenants"), ("POST", "/v1/tenants/{tenant}/vms"),
            ("PUT", "/v1/tenants/{tenant}/images/{image}"), ("POST", "/v1/roleAssignments"),
            ("POST", "/v1/roleDefinitions")}
@@ -177,6 +181,7 @@ def _image(svc: HostService, tenant: str) -> str:
 def expected_status(method: str, path: str, role: str, in_scope: bool) -> int:
     action, level, _ = ENDPOINTS[(method, path)]
     ok = 201 if (method, path) in CREATED else SUCCESS[method]
+    ok = 204 if (method, path) in NO_CONTENT else ok
     if action is None:
         return ok
     granted = action in EXPECTED_ROLE_ACTIONS[role]

@@ -1,5 +1,6 @@
 """isovisord end to end: start with embedded defaults, boot a VM through the mutual-TLS
-API, restart the daemon, and find the VM still running, re-adopted."""
+API, restart the daemon, find the VM still running, re-adopted, and type into its
+console."""
 
 from __future__ import annotations
 
@@ -46,7 +47,18 @@ def test_daemon_restart_keeps_and_readopts_a_running_vm(
         with _client(daemon) as c:
             again = c.get("/v1/tenants/a/vms/e")
             assert again["state"] == "running" and again["id"] == vm["id"]
-            stopped = c.post("/v1/tenants/a/vms/e/stop")
-            assert stopped["state"] == "stopped" and stopped["lastExitStatus"] == 14
+            # console input still reaches the re-adopted guest: echo prints it and resets
+            c.raw("POST", "/v1/tenants/a/vms/e/console", content=b"hello isovisor\r",
+                  headers={"content-type": "application/octet-stream"})
+            deadline = time.monotonic() + 30
+            while b"echo: hello isovisor" not in out:
+                assert time.monotonic() < deadline, out
+                out += c.raw("GET", "/v1/tenants/a/vms/e/console",
+                             params={"offset": len(out), "wait": 5}).content
+            while c.get("/v1/tenants/a/vms/e")["state"] != "stopped":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            ended = c.get("/v1/tenants/a/vms/e")
+            assert ended["lastExitStatus"] == 0 and ended["lastStopReason"] == "the guest reset"
     finally:
         daemon.stop()

@@ -93,6 +93,7 @@ def test_pause_stops_the_guest_and_resume_continues_it(tmp_path: Path, kvm: Kvm,
         _wait(lambda: b"echo: ready" in console.read_bytes())
         vm = svc.lifecycle.pause(vm, "t")
         assert vm.state is VmState.PAUSED
+        time.sleep(0.2)  # SIGSTOP is delivered asynchronously
         before = svc.lifecycle.metrics(vm).cpu_seconds
         time.sleep(0.5)
         assert svc.lifecycle.metrics(vm).cpu_seconds == before  # every VM process stopped

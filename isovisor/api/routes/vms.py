@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from isovisor.api.errors import ERROR_RESPONSES
 from isovisor.api.routes.deps import Ctx, IdempotencyKey, Svc, idempotent_create
 from isovisor.api.schemas import VmCreate, VmMetricsOut, VmOut, VmPage
+from isovisor.host.errors import PayloadTooLarge
 from isovisor.host.lifecycle import VmLifecycle
 from isovisor.host.models import ACTIVE_STATES, Vm
 from isovisor.host.service import HostService
@@ -22,6 +23,7 @@ router = APIRouter(prefix="/v1/tenants/{tenant}/vms", tags=["vms"], responses=ER
 VM_SCOPE = "/tenants/{tenant}/vms/{vm}"
 CONSOLE_CHUNK = 64 << 10  # bytes per console read
 CONSOLE_MAX_WAIT = 30.0  # seconds a console read may wait for output
+CONSOLE_INPUT_MAX = 4096  # bytes of console input per request (a pasted line or two)
 
 
 def _x(action: str, scope: str = VM_SCOPE) -> dict[str, object]:
@@ -115,6 +117,27 @@ async def vm_console(tenant: str, vm: str, ctx: Ctx, svc: Svc,
     return Response(content=data, media_type="application/octet-stream",
                     headers={"X-Console-Offset": str(offset + len(data)),
                              "X-Vm-State": record.state.value})
+
+
+@router.post(
+    "/{vm}/console", status_code=204, openapi_extra={
+        **_x(actions.VMS_CONSOLE),
+        "requestBody": {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}}},
+    summary="Type into the VM's serial console",
+)
+async def vm_console_input(tenant: str, vm: str, request: Request, ctx: Ctx, svc: Svc
+                           ) -> Response:
+    record = await run_in_threadpool(_vm, svc, ctx, tenant, vm, actions.VMS_CONSOLE)
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > CONSOLE_INPUT_MAX:
+            raise PayloadTooLarge(f"console input is limited to {CONSOLE_INPUT_MAX} bytes "
+                                  "per request")
+    if data:
+        await run_in_threadpool(svc.lifecycle.send_console, record, data)
+    return Response(status_code=204)
 
 
 def _read_console(svc: HostService, record: Vm, offset: int) -> bytes:

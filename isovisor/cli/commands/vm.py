@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from isovisor.cli.commands.run import parse_size
 from isovisor.cli.config import add_client_options, api, field, show, show_fields, tenant_of
 from isovisor.cli.errors import CliError
+
+if TYPE_CHECKING:
+    from isovisor.api.client import ApiClient
 
 VM_COLUMNS = [
     ("NAME", field("name")), ("STATE", field("state")), ("VCPUS", field("vcpus")),
@@ -54,6 +59,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     console = cmd("console", "print the VM's serial console output", cmd_console)
     console.add_argument("--follow", "-f", action="store_true",
                          help="keep printing new output until the VM stops (Ctrl-C ends)")
+    console.add_argument("--send", metavar="TEXT",
+                         help="type TEXT and Enter into the console first")
+    console.add_argument("--interactive", "-i", action="store_true",
+                         help="follow, and send each line typed on stdin")
     upload = cmd("image-upload", "upload a kernel or initrd image", cmd_image_upload)
     upload.add_argument("file", type=Path, help="the image file")
     cmd("image-list", "images of the tenant", cmd_image_list, named=False)
@@ -115,18 +124,30 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _send_lines(client: ApiClient, path: str) -> None:
+    for line in sys.stdin:
+        client.raw("POST", path, content=line.rstrip("\n").encode() + b"\r",
+                   headers={"content-type": "application/octet-stream"})
+
+
 def cmd_console(args: argparse.Namespace) -> int:
     offset = 0
     out = sys.stdout.buffer
+    path = f"{_base(args)}/vms/{args.name}/console"
+    follow = args.follow or args.interactive
     with api(args) as client:
+        if args.send is not None:
+            client.raw("POST", path, content=args.send.encode() + b"\r",
+                       headers={"content-type": "application/octet-stream"})
+        if args.interactive:
+            threading.Thread(target=_send_lines, args=(client, path), daemon=True).start()
         while True:
-            r = client.raw("GET", f"{_base(args)}/vms/{args.name}/console",
-                           params={"offset": offset, "wait": 10 if args.follow else 0})
+            r = client.raw("GET", path, params={"offset": offset, "wait": 10 if follow else 0})
             out.write(r.content)
             out.flush()
             offset = int(r.headers.get("x-console-offset", offset + len(r.content)))
             state = r.headers.get("x-vm-state", "")
-            if not args.follow:
+            if not follow:
                 if not r.content:
                     return 0
                 continue
