@@ -15,9 +15,11 @@ drift on a shared host hits all of them alike:
   by isovisord: it breaks "fsynced before acknowledged"; measured to show what the audit
   path costs without the fsync).
 
-A burst of concurrent clients then shows what group commit does for throughput.
+A burst of concurrent clients then shows what group commit does for throughput, and
+(with `make guests` built and KVM) VMs created and started through the API measure the
+request that matters most, create-to-running, `off` against `strict`.
 
-    .venv/bin/python bench/audit.py [--requests 200] [--rounds 5] [--no-write]
+    .venv/bin/python bench/audit.py [--requests 100] [--rounds 3] [--vm-runs 10] [--no-write]
 """
 
 from __future__ import annotations
@@ -143,13 +145,43 @@ def run(args: argparse.Namespace) -> str:
                         lat[(config, "write")].append(time.perf_counter() - t0)
                 burst = {c: _burst(stack, observers[c], args.clients, args.burst_seconds)
                          for c in CONFIGS}
+                vms = (_vm_latency(stack, observers, args.vm_runs)
+                       if args.vm_runs and KERNEL.exists() else None)
         finally:
             stack.server.stop()
             stack.service.close()
             strict.close()
             lazy.close()
             floor.close()
-    return _report(args, lat, burst, load)
+    return _report(args, lat, burst, vms, load)
+
+
+KERNEL = REPO / "guests" / "build" / "echo.elf"  # `make guests`; prints a line and waits
+
+
+def _vm_latency(stack: Stack, observers: dict[str, Observer | None], runs: int
+                ) -> dict[str, list[float]]:
+    """Create-to-running through the API (a real VMM process per VM), `off` and `strict`
+    interleaved VM by VM; each VM is deleted before the next."""
+    out: dict[str, list[float]] = {"off": [], "strict": []}
+    with stack.client() as c:
+        c.post("/v1/tenants", json={"name": "vmbench"}).raise_for_status()
+        c.put("/v1/tenants/vmbench/images/echo", content=KERNEL.read_bytes(),
+              headers={"content-type": "application/octet-stream"}).raise_for_status()
+        for i in range(runs):
+            for config in (("off", "strict") if i % 2 == 0 else ("strict", "off")):
+                stack.api.observers.clear()
+                if observers[config] is not None:
+                    stack.api.observers.append(observers[config])  # type: ignore[arg-type]
+                name = f"v{i}-{config}"
+                t0 = time.perf_counter()
+                r = c.post("/v1/tenants/vmbench/vms", json={
+                    "name": name, "kernel": "echo", "memoryMiB": 64, "vcpus": 1})
+                out[config].append(time.perf_counter() - t0)
+                r.raise_for_status()
+                assert r.json()["state"] == "running", r.text
+                c.delete(f"/v1/tenants/vmbench/vms/{name}").raise_for_status()
+    return out
 
 
 def _burst(stack: Stack, observer: Observer | None, clients: int,
@@ -195,7 +227,8 @@ def _commit() -> str:
 
 
 def _report(args: argparse.Namespace, lat: dict[tuple[str, str], list[float]],
-            burst: dict[str, float], load: tuple[float, float, float]) -> str:
+            burst: dict[str, float], vms: dict[str, list[float]] | None,
+            load: tuple[float, float, float]) -> str:
     rows = []
     verdicts = []
     for op, what in (("read", "GET /v1/host"), ("write", "POST /v1/tenants")):
@@ -209,6 +242,21 @@ def _report(args: argparse.Namespace, lat: dict[tuple[str, str], list[float]],
             if config in ("strict", "lazy-reads"):
                 verdicts.append(f"- {what}, {config}: p50 {over * 100:+.0f}% "
                                 f"({'within' if over <= TARGET else 'over'} the 10% target)")
+    if vms is not None:
+        base = statistics.median(vms["off"])
+        for config in ("off", "strict"):
+            xs = vms[config]
+            p50 = statistics.median(xs)
+            over = p50 / base - 1
+            rows.append(f"| POST /v1/tenants/{{t}}/vms (create + start, a real VMM) | {config} "
+                        f"| {p50 * 1e3:.2f} | {percentile(xs, 0.99) * 1e3:.2f} "
+                        f"| {'-' if config == 'off' else f'{over * 100:+.0f}%'} |")
+        verdicts.append(f"- VM create-to-running, strict: p50 {over * 100:+.0f}% "
+                        f"({'within' if over <= TARGET else 'over'} the 10% target; "
+                        f"{len(vms['off'])} VMs per configuration)")
+    else:
+        verdicts.append("- VM create-to-running: not measured (needs `make guests` and KVM, "
+                        "or --vm-runs 0 was given)")
     fsync = _fsync_cost()
     lines = [
         BEGIN_MARK,
@@ -243,7 +291,7 @@ def _report(args: argparse.Namespace, lat: dict[tuple[str, str], list[float]],
         f"- Load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         "",
         f"Command: `.venv/bin/python bench/audit.py --requests {args.requests} "
-        f"--rounds {args.rounds}`",
+        f"--rounds {args.rounds} --vm-runs {args.vm_runs}`",
         END_MARK,
     ]
     return "\n".join(lines)
@@ -278,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=8, help="concurrent clients in the burst")
     p.add_argument("--burst-seconds", type=float, default=3.0)
+    p.add_argument("--vm-runs", type=int, default=10,
+                   help="VMs created and started per configuration (0: skip)")
     p.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = p.parse_args(argv)
     block = run(args)
