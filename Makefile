@@ -15,7 +15,7 @@ APT_PACKAGES := nasm qemu-system-x86 acpica-tools swtpm swtpm-tools busybox-stat
 GUEST_SRCS := $(wildcard guests/*.asm)
 GUEST_ELFS := $(patsubst guests/%.asm,guests/build/%.elf,$(GUEST_SRCS))
 
-.PHONY: setup system-deps venv guests demo test test-slow lint bench guest-linux clean help
+.PHONY: setup system-deps venv guests demo test test-slow lint bench guest-linux clean help fuzz security-report
 
 help:
 	@echo "make demo        install what is missing, boot the hello guest"
@@ -24,6 +24,8 @@ help:
 	@echo "make lint        ruff + mypy (strict on kvm, memory, devices, security)"
 	@echo "make bench       exit-rate benchmark against QEMU, writes bench/RESULTS.md"
 	@echo "make guest-linux fetch and cache Debian's cloud kernel (apt-get download)"
+	@echo "make fuzz        run every fuzz harness for FUZZ_SECONDS each (default 30; FUZZ_HARNESSES=...)"
+	@echo "make security-report  attack-surface coverage: threat model, harnesses, fuzz runs, findings"
 
 setup: system-deps venv guests
 
@@ -71,6 +73,22 @@ bench: setup
 
 guest-linux: system-deps venv
 	$(PY) -m isovisor.tools.guest_linux
+
+# Fuzzing (fuzz/README.md): each harness in fuzz/harnesses/ for FUZZ_SECONDS; stats go to
+# cache/fuzz/, crashes to fuzz/findings/. Every harness runs; the target fails if any did.
+FUZZ_SECONDS ?= 30
+FUZZ_HARNESSES ?= $(sort $(basename $(notdir $(filter-out %/__init__.py,$(wildcard fuzz/harnesses/*.py)))))
+
+fuzz: venv
+	@mkdir -p cache/fuzz; failed=""; for h in $(FUZZ_HARNESSES); do \
+	  echo "fuzz $$h: $(FUZZ_SECONDS) s"; \
+	  $(PY) -m fuzz.run $$h --seconds $(FUZZ_SECONDS) >cache/fuzz/$$h.log 2>&1 \
+	    || { echo "fuzz $$h: FAILED (cache/fuzz/$$h.log, fuzz/findings/)"; failed="$$failed $$h"; }; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: failed:$$failed"; exit 1; fi
+
+security-report: venv
+	$(PY) -m isovisor.security.report
 
 clean:
 	rm -rf guests/build $(VENV) .pytest_cache .mypy_cache
