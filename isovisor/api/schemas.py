@@ -54,6 +54,12 @@ class QuotaOut(Model):
     usage: QuotaBody
 
 
+class DiskBody(Model):
+    image: str = Field(pattern=NAME, description="name of an image of this tenant")
+    readonly: bool = Field(default=False, description="share the image read-only; "
+                           "otherwise the VM gets a private writable copy")
+
+
 class VmCreate(Model):
     name: str = Field(pattern=NAME)
     kernel: str = Field(pattern=NAME, description="name of an image of this tenant")
@@ -62,6 +68,9 @@ class VmCreate(Model):
     vcpus: int = Field(default=1, ge=1, le=64)
     memory_mib: int = Field(default=256, ge=16, le=65536, validation_alias="memoryMiB",
                             serialization_alias="memoryMiB")
+    disks: list[DiskBody] = Field(default_factory=list, max_length=8,
+                                  description="virtio-blk disks, vda, vdb, ... in order")
+    rng: bool = Field(default=False, description="add a virtio-rng device")
     start: bool = Field(default=True, description="start the VM once created")
 
 
@@ -74,6 +83,8 @@ class VmOut(Model):
     kernel: str
     initrd: str | None
     cmdline: str
+    disks: list[DiskBody]
+    rng: bool
     state: str
     desired_state: str
     last_exit_status: int | None
@@ -85,7 +96,9 @@ class VmOut(Model):
     def of(cls, v: Vm) -> VmOut:
         return cls(tenant=v.tenant, name=v.name, id=v.id, vcpus=v.vcpus,
                    memory_mib=v.memory_mib, kernel=v.kernel, initrd=v.initrd,
-                   cmdline=v.cmdline, state=v.state.value, desired_state=v.desired,
+                   cmdline=v.cmdline,
+                   disks=[DiskBody(image=d.image, readonly=d.readonly) for d in v.disks],
+                   rng=v.rng, state=v.state.value, desired_state=v.desired,
                    last_exit_status=v.last_exit_status, last_stop_reason=v.last_stop_reason,
                    created_at=v.created_at, started_at=v.started_at)
 

@@ -90,6 +90,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (principal, key)
     );
     """,
+    # 2: virtio devices for VMs: disks (JSON list of {"image", "readonly"}) and rng
+    """
+    ALTER TABLE vms ADD COLUMN disks TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE vms ADD COLUMN rng INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 

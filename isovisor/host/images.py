@@ -5,7 +5,9 @@ A VM names its kernel by image name; clients never name host paths."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -72,13 +74,30 @@ class ImageStore:
             if conn.execute("SELECT 1 FROM images WHERE tenant = ? AND name = ?",
                             (tenant, name)).fetchone() is None:
                 raise NotFound(f"image {name!r} not found")
-            user = conn.execute(
-                "SELECT name FROM vms WHERE tenant = ? AND (kernel = ? OR initrd = ?) LIMIT 1",
-                (tenant, name, name)).fetchone()
-            if user is not None:
-                raise Conflict(f"image {name!r} is used by VM {user[0]!r}")
+            for vm, kernel, initrd, disks in conn.execute(
+                    "SELECT name, kernel, initrd, disks FROM vms WHERE tenant = ?", (tenant,)):
+                if name in (kernel, initrd) or any(
+                        d["image"] == name for d in json.loads(disks)):
+                    raise Conflict(f"image {name!r} is used by VM {vm!r}")
             try:
                 conn.execute("DELETE FROM images WHERE tenant = ? AND name = ?", (tenant, name))
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"image {name!r} is in use") from exc
         self.path(tenant, name).unlink(missing_ok=True)
+
+    def vm_disk(self, tenant: str, image: str, vm_id: str, index: int) -> Path:
+        """The private writable copy of `image` for disk `index` of a VM, made once."""
+        target = self.disk_dir(vm_id) / f"disk{index}.img"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = target.with_suffix(".tmp")
+            shutil.copyfile(self.path(tenant, image), tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, target)
+        return target
+
+    def disk_dir(self, vm_id: str) -> Path:
+        return self.root.parent / "disks" / vm_id
+
+    def delete_vm_disks(self, vm_id: str) -> None:
+        shutil.rmtree(self.disk_dir(vm_id), ignore_errors=True)

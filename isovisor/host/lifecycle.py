@@ -84,9 +84,14 @@ class VmLifecycle:
         return VmHandle.from_json(vm.handle)
 
     def _launch(self, vm: Vm) -> Launch:
+        disks = tuple(
+            (self.images.path(vm.tenant, d.image), True) if d.readonly
+            else (self.images.vm_disk(vm.tenant, d.image, vm.id, i), False)
+            for i, d in enumerate(vm.disks))
         return Launch(vm_id=vm.id, kernel=self.images.path(vm.tenant, vm.kernel),
                       initrd=self.images.path(vm.tenant, vm.initrd) if vm.initrd else None,
-                      cmdline=vm.cmdline, vcpus=vm.vcpus, memory_mib=vm.memory_mib)
+                      cmdline=vm.cmdline, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
+                      disks=disks, rng=vm.rng)
 
     # -- operations -----------------------------------------------------------------------
 
@@ -158,6 +163,7 @@ class VmLifecycle:
             self.vms.delete(vm.id)
             if handle is not None:
                 shutil.rmtree(VmHandle.from_json(handle).run_dir, ignore_errors=True)
+            self.images.delete_vm_disks(vm.id)
             self.notify(vm, vm.state, None, "deleted", actor)
         with self._locks_guard:
             self._locks.pop(vm.id, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -60,6 +61,15 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class Disk:
+    """A virtio-blk disk from a tenant image: read-only shares the image; writable gets
+    a private copy per VM, made at first start and deleted with the VM."""
+
+    image: str
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
 class Vm:
     tenant: str
     name: str
@@ -77,11 +87,15 @@ class Vm:
     created_at: str
     updated_at: str
     started_at: str | None
+    disks: tuple[Disk, ...] = ()
+    rng: bool = False
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Vm:
         d = dict(row)
         d["state"] = VmState(d["state"])
+        d["disks"] = tuple(Disk(x["image"], bool(x["readonly"])) for x in json.loads(d["disks"]))
+        d["rng"] = bool(d["rng"])
         return cls(**d)
 
 

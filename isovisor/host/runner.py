@@ -53,6 +53,8 @@ class Launch:
     memory_mib: int
     initrd: Path | None = None
     cmdline: str = ""
+    disks: tuple[tuple[Path, bool], ...] = ()  # (path, readonly)
+    rng: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,10 @@ def default_command(launch: Launch, console: Path) -> list[str]:
         cmd += ["--initrd", str(launch.initrd)]
     if launch.cmdline:
         cmd += ["--cmdline", launch.cmdline]
+    for path, readonly in launch.disks:
+        cmd += ["--disk", f"{path},readonly" if readonly else str(path)]
+    if launch.rng:
+        cmd.append("--rng")
     return cmd
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import uuid
 from collections.abc import Callable
@@ -9,12 +10,13 @@ from dataclasses import dataclass
 
 from isovisor.host.db import Database
 from isovisor.host.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
-from isovisor.host.models import Page, Vm, VmState, check_name, now
+from isovisor.host.models import Disk, Page, Vm, VmState, check_name, now
 from isovisor.host.paging import paginate
 
 MAX_VCPUS = 64
 MIN_MEMORY_MIB, MAX_MEMORY_MIB = 16, 64 << 10
 MAX_CMDLINE = 2048  # the Linux boot protocol's COMMAND_LINE_SIZE
+MAX_DISKS = 8
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class VmSpec:
     memory_mib: int = 256
     initrd: str | None = None
     cmdline: str = ""
+    disks: tuple[Disk, ...] = ()
+    rng: bool = False
 
     def check(self) -> VmSpec:
         check_name("VM", self.name)
@@ -36,6 +40,10 @@ class VmSpec:
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
             raise InvalidRequest(
                 f"memoryMiB must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}")
+        if len(self.disks) > MAX_DISKS:
+            raise InvalidRequest(f"at most {MAX_DISKS} disks")
+        for disk in self.disks:
+            check_name("image", disk.image)
         if len(self.cmdline) > MAX_CMDLINE or not self.cmdline.isprintable():
             raise InvalidRequest(f"cmdline must be printable and at most {MAX_CMDLINE} characters")
         return self
@@ -54,7 +62,8 @@ class VmStore:
             t = conn.execute("SELECT * FROM tenants WHERE name = ?", (tenant,)).fetchone()
             if t is None:
                 raise NotFound(f"tenant {tenant!r} not found")
-            for image in filter(None, (spec.kernel, spec.initrd)):
+            for image in filter(None, (spec.kernel, spec.initrd,
+                                       *(d.image for d in spec.disks))):
                 if conn.execute("SELECT 1 FROM images WHERE tenant = ? AND name = ?",
                                 (tenant, image)).fetchone() is None:
                     raise InvalidRequest(f"image {image!r} not found in tenant {tenant!r}")
@@ -73,11 +82,13 @@ class VmStore:
             try:
                 conn.execute(
                     "INSERT INTO vms (tenant, name, id, vcpus, memory_mib, kernel, initrd, "
-                    "cmdline, desired, state, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "cmdline, desired, state, created_at, updated_at, disks, rng) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (tenant, spec.name, uuid.uuid4().hex, spec.vcpus, spec.memory_mib,
                      spec.kernel, spec.initrd, spec.cmdline, "stopped", VmState.STOPPED,
-                     stamp, stamp))
+                     stamp, stamp,
+                     json.dumps([{"image": d.image, "readonly": d.readonly}
+                                 for d in spec.disks]), int(spec.rng)))
             except sqlite3.IntegrityError:
                 raise Conflict(f"VM {spec.name!r} already exists") from None
         return self.get(tenant, spec.name)

@@ -24,9 +24,11 @@ class InertRunner:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.running: set[int] = set()
+        self.launches: list[Launch] = []
         self._next = 1
 
     def start(self, launch: Launch) -> VmHandle:
+        self.launches.append(launch)
         pid = self._next
         self._next += 1
         self.running.add(pid)

@@ -4,7 +4,9 @@ HTTPS, custom roles, VM-scoped assignments, console and metrics."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
+from isovisor.host.runner import default_command
 from tests.api.stack import Stack
 
 
@@ -141,3 +143,30 @@ def test_image_in_use_and_tenant_not_empty(stack: Stack) -> None:
         assert admin.delete("/v1/tenants/busy/vms/b").status_code == 204
         assert admin.delete("/v1/tenants/busy/images/k").status_code == 204
         assert admin.delete("/v1/tenants/busy").status_code == 204
+
+
+def test_vm_disks_and_rng(stack: Stack) -> None:
+    _setup_tenant(stack, "disks")
+    with stack.client(stack.ids["admin"]) as admin:
+        for name in ("base", "data"):
+            admin.put(f"/v1/tenants/disks/images/{name}", content=name.encode() * 100)
+        vm = admin.post("/v1/tenants/disks/vms", json={
+            "name": "d", "kernel": "k", "rng": True,
+            "disks": [{"image": "base", "readonly": True}, {"image": "data"}]})
+        assert vm.status_code == 201, vm.text
+        assert vm.json()["disks"] == [{"image": "base", "readonly": True},
+                                      {"image": "data", "readonly": False}]
+        launch = stack.service.runner.launches[-1]  # type: ignore[attr-defined]
+        (ro_path, ro), (rw_path, rw) = launch.disks
+        images = stack.service.images
+        assert ro and ro_path == images.path("disks", "base")
+        assert not rw and rw_path != images.path("disks", "data")
+        assert rw_path.read_bytes() == b"data" * 100  # a private copy
+        cmd = default_command(launch, Path("/run/x/console.log"))
+        assert f"{ro_path},readonly" in cmd and str(rw_path) in cmd and "--rng" in cmd
+        assert admin.delete("/v1/tenants/disks/images/data").status_code == 409
+        assert admin.delete("/v1/tenants/disks/vms/d").status_code == 204
+        assert not rw_path.exists()
+        missing = admin.post("/v1/tenants/disks/vms", json={
+            "name": "m", "kernel": "k", "disks": [{"image": "nope"}]})
+        assert missing.status_code == 400

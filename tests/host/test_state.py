@@ -106,3 +106,20 @@ def test_database_file_is_sqlite_wal(tmp_path: Path) -> None:
     Database(tmp_path / "s.db")
     conn = sqlite3.connect(tmp_path / "s.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_migration_from_version_1_keeps_vms(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "s.db")
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("INSERT INTO tenants VALUES ('a', '', 8, 8192, 10, 'now')")
+    conn.execute("INSERT INTO images VALUES ('a', 'k', 1, 'x', 'now')")
+    conn.execute("INSERT INTO vms (tenant, name, id, vcpus, memory_mib, kernel, cmdline, "
+                 "desired, state, created_at, updated_at) VALUES ('a', 'v', 'id1', 1, 64, "
+                 "'k', '', 'stopped', 'stopped', 'now', 'now')")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    db = Database(tmp_path / "s.db")
+    assert db.schema_version == len(MIGRATIONS) >= 2
+    vm = VmStore(db).get("a", "v")
+    assert vm.disks == () and vm.rng is False

@@ -14,7 +14,7 @@ from isovisor.api.routes.deps import Ctx, IdempotencyKey, Svc, idempotent_create
 from isovisor.api.schemas import VmCreate, VmMetricsOut, VmOut, VmPage
 from isovisor.host.errors import PayloadTooLarge
 from isovisor.host.lifecycle import VmLifecycle
-from isovisor.host.models import ACTIVE_STATES, Vm
+from isovisor.host.models import ACTIVE_STATES, Disk, Vm
 from isovisor.host.service import HostService
 from isovisor.host.vms import VmSpec
 from isovisor.security.rbac import Scope, actions
@@ -46,7 +46,8 @@ def create_vm(tenant: str, body: VmCreate, ctx: Ctx, svc: Svc,
               idempotency_key: IdempotencyKey = None) -> Response:
     ctx.authorize(actions.VMS_WRITE, Scope.tenant(tenant))
     spec = VmSpec(name=body.name, kernel=body.kernel, vcpus=body.vcpus,
-                  memory_mib=body.memory_mib, initrd=body.initrd, cmdline=body.cmdline)
+                  memory_mib=body.memory_mib, initrd=body.initrd, cmdline=body.cmdline,
+                  disks=tuple(Disk(d.image, d.readonly) for d in body.disks), rng=body.rng)
     return idempotent_create(ctx, svc, idempotency_key, body, lambda: VmOut.of(
         svc.create_vm(tenant, spec, body.start, ctx.principal)))
 

@@ -49,6 +49,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.add_argument("--vcpus", type=int, default=1, help="vCPUs (default 1)")
     create.add_argument("--memory", type=parse_size, default=parse_size("256M"),
                         help="guest RAM, e.g. 256M (default 256M)")
+    create.add_argument("--disk", action="append", default=[], metavar="IMAGE[,readonly]",
+                        help="a virtio-blk disk from an image (repeatable; writable disks "
+                        "are private copies)")
+    create.add_argument("--rng", action="store_true", help="add a virtio-rng device")
     create.add_argument("--no-start", action="store_true", help="create it stopped")
     cmd("list", "VMs of the tenant", cmd_list, named=False)
     cmd("show", "one VM", cmd_show)
@@ -80,6 +84,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise CliError("--memory must be a whole number of MiB")
     body = {"name": args.name, "kernel": args.kernel, "initrd": args.initrd,
             "cmdline": args.cmdline, "vcpus": args.vcpus, "memoryMiB": args.memory >> 20,
+            "disks": [_disk(d) for d in args.disk], "rng": args.rng,
             "start": not args.no_start}
     with api(args) as client:
         # one key per invocation: a retry inside the client never creates two VMs
@@ -87,6 +92,13 @@ def cmd_create(args: argparse.Namespace) -> int:
                          headers={"Idempotency-Key": uuid.uuid4().hex})
     show(args, vm, VM_COLUMNS)
     return 0
+
+
+def _disk(text: str) -> dict[str, object]:
+    image, _, opts = text.partition(",")
+    if opts not in ("", "readonly", "ro"):
+        raise CliError(f"--disk {text!r}: expected IMAGE or IMAGE,readonly")
+    return {"image": image, "readonly": bool(opts)}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
