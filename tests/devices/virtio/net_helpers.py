@@ -58,6 +58,14 @@ class NetRig:
     def close(self) -> None:
         self.rig.close()
 
+    def reset(self) -> None:
+        """The driver resets the device and starts its rings afresh (call up() next)."""
+        self.rig.status(0)
+        for drv in (self.rx, self.tx):
+            drv.set_avail_idx(0)
+            self.mem.write_u16(drv.used + 2, 0)
+        self._rx_next = 0
+
     def notify(self, queue: int) -> None:
         os.eventfd_write(self.rig.t.notify_fds[queue], 1)
 

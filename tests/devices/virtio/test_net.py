@@ -298,11 +298,7 @@ def test_hostile_chain_needs_reset_with_a_security_event(
     assert ev.kind == "virtio-needs-reset" and detail in ev.detail
     assert drv.used_idx() == 0
     # The driver's reset brings it back.
-    rig.rig.status(0)
-    rig.rx.set_avail_idx(0)
-    rig.tx.set_avail_idx(0)
-    rig.mem.write_u16(rig.rx.used + 2, 0)
-    rig.mem.write_u16(rig.tx.used + 2, 0)
+    rig.reset()
     rig.up()
     frame = guest_frame(b"after reset")
     rig.send(frame)
@@ -354,10 +350,8 @@ def test_reset_and_reactivate(rig: NetRig, tap: tuple) -> None:
     peer: TapPeer = tap[2]
     rig.up(MERGEABLE | F_GUEST_CSUM)
     rig.post_rx(2)
-    rig.rig.status(0)
+    rig.reset()
     assert rig.dev.state is DeviceState.INACTIVE
-    rig.rx.set_avail_idx(0)
-    rig._rx_next = 0
     rig.up(MERGEABLE)
     rig.post_rx(2)
     sent = peer.send(b"after reset")
