@@ -6,6 +6,8 @@ and then by command-line options.
     listen = "127.0.0.1:8443"            # the only listener: mutual TLS 1.3
     server_names = ["localhost"]         # DNS names in the server certificate
     bootstrap_admin = "admin"            # made Host Admin at / on start (optional)
+    [audit]                              # optional: see isovisor.security.audit.hooks
+    checkpoint_records = 256             # (HostAuditConfig: checkpoints, syslog, ...)
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class DaemonConfig:
                 data = tomllib.loads(path.read_text())
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"cannot read {path}: {exc}") from exc
-            known = {"state_dir", "ca_dir", "listen", "server_names", "bootstrap_admin"}
+            known = {"state_dir", "ca_dir", "listen", "server_names", "bootstrap_admin",
+                     "audit"}
             unknown = set(data) - known
             if unknown:
                 raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
@@ -71,6 +74,8 @@ class DaemonConfig:
                 values[key] = Path(value)
             elif key == "server_names":
                 values[key] = tuple(value)
+            elif key == "audit":  # checked by HostAuditConfig.from_table
+                values["extra"] = {**config.extra, "audit": dict(value)}
             else:
                 values[key] = value
         return replace(config, **values)

@@ -27,7 +27,7 @@ from isovisor.host.lifecycle import LifecycleObserver
 from isovisor.host.runner import VmRunner
 from isovisor.host.service import HostService
 from isovisor.security.audit import AuditError
-from isovisor.security.audit.hooks import HostAudit
+from isovisor.security.audit.hooks import HostAudit, HostAuditConfig
 from isovisor.security.pki import CertificateAuthority, PkiError
 from isovisor.security.pki.files import PRIVATE_MODE, PUBLIC_MODE, write_atomic
 
@@ -82,7 +82,8 @@ class Daemon:
         cert, key = ensure_server_cert(self.ca, config)
         self.tls = TlsFiles(self.ca.cert_path, self.ca.crl_path, cert, key)
         # The audit log opens first and fails closed: no audit, no daemon.
-        self.audit = HostAudit(config.state_dir)
+        self.audit = HostAudit(config.state_dir,
+                               HostAuditConfig.from_table(config.extra.get("audit", {})))
         self.service = HostService(config.state_dir, runner=runner)
         self.add_lifecycle_observer(self.audit.record_transition)
         self.reconciled = self.service.open()

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+from isovisor.security.audit.errors import AuditConfigError
 from isovisor.security.audit.keys import load_or_generate_key
 from isovisor.security.audit.log import AuditConfig, AuditLog, Forwarder
 from isovisor.security.audit.recorders import (
@@ -32,6 +33,7 @@ from isovisor.security.audit.recorders import (
     clip,
     record_security_event,
 )
+from isovisor.security.audit.syslog import SyslogForwarder, parse_address
 
 log = logging.getLogger("isovisor.security.audit")
 
@@ -41,6 +43,8 @@ SecurityEventHook = Callable[[str, str, str], None]
 # API error codes that are security events too (besides the request's own record).
 _SECURITY_ERRORS = {"QuotaExceeded": SECURITY_QUOTA_REFUSED,
                     "Unauthenticated": SECURITY_AUTH_FAILURE}
+_TOML_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float),
+                                                   "bool": bool}
 # The API server's names for security events, mapped to the audit log's.
 _KIND_ALIASES = {"authentication_failure": SECURITY_AUTH_FAILURE}
 
@@ -115,6 +119,17 @@ def request_data(r: RequestFacts) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class HostAuditConfig:
+    """The `[audit]` table of isovisord's config file; every key optional:
+
+        [audit]
+        checkpoint_records = 256        # sign the head after this many records...
+        checkpoint_seconds = 10.0       # ...or this long after the first unsigned one
+        segment_bytes = 8388608         # rotate segments at this size
+        durable_reads = true            # see below
+        syslog = "udp:loghost:514"      # forward entries (or "unix:/dev/log"); default off
+        syslog_checkpoints_only = false # forward only genesis and checkpoints
+    """
+
     checkpoint_records: int = 256
     checkpoint_seconds: float = 10.0
     segment_bytes: int = 8 << 20
@@ -125,6 +140,29 @@ class HostAuditConfig:
     # failures are always fsynced before the answer.
     durable_reads: bool = True
     flush_seconds: float = 0.05
+    syslog: str | None = None
+    syslog_checkpoints_only: bool = False
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, object]) -> HostAuditConfig:
+        """From a parsed TOML table; unknown keys and wrong types are refused."""
+        known = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in known:
+                raise AuditConfigError(f"[audit]: unknown setting {key!r}")
+            want = _TOML_TYPES.get(str(known[key]), str)
+            if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
+                raise AuditConfigError(f"[audit] {key}: {value!r} has the wrong type")
+            values[key] = value
+        config = cls(**values)
+        AuditConfig(Path("."), checkpoint_records=config.checkpoint_records,
+                    checkpoint_seconds=config.checkpoint_seconds,
+                    segment_bytes=config.segment_bytes,
+                    flush_seconds=config.flush_seconds)  # range checks
+        if config.syslog is not None:
+            parse_address(config.syslog)
+        return config
 
 
 class HostAudit:
@@ -135,10 +173,19 @@ class HostAudit:
         cfg = config or HostAuditConfig()
         self.durable_reads = cfg.durable_reads
         self.key = load_or_generate_key(state_dir / KEY_PATH)
-        self.log = AuditLog(AuditConfig(
-            state_dir / AUDIT_DIR_NAME, checkpoint_records=cfg.checkpoint_records,
-            checkpoint_seconds=cfg.checkpoint_seconds, segment_bytes=cfg.segment_bytes,
-            flush_seconds=cfg.flush_seconds), self.key, forwarder=forwarder)
+        self.syslog: SyslogForwarder | None = None
+        if forwarder is None and cfg.syslog is not None:
+            forwarder = self.syslog = SyslogForwarder(
+                cfg.syslog, checkpoints_only=cfg.syslog_checkpoints_only)
+        try:
+            self.log = AuditLog(AuditConfig(
+                state_dir / AUDIT_DIR_NAME, checkpoint_records=cfg.checkpoint_records,
+                checkpoint_seconds=cfg.checkpoint_seconds, segment_bytes=cfg.segment_bytes,
+                flush_seconds=cfg.flush_seconds), self.key, forwarder=forwarder)
+        except BaseException:
+            if self.syslog is not None:
+                self.syslog.close()
+            raise
 
     def record_request(self, request: RequestFacts) -> None:
         """Raises AuditError when the record cannot be made durable: fail closed."""
@@ -187,3 +234,5 @@ class HostAudit:
 
     def close(self) -> None:
         self.log.close()
+        if self.syslog is not None:
+            self.syslog.close()

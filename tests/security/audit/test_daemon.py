@@ -252,3 +252,31 @@ def test_sigkill_isovisord_during_a_burst_loses_no_acknowledged_request(
     assert not missing, f"{len(missing)} acknowledged requests unrecorded (seed {seed})"
     assert all(recorded[r] == status for r, status in acked.items())
     print(f"seed {seed}: {len(acked)} acknowledged requests over {ROUNDS} kills, all recorded")
+
+
+def test_audit_settings_come_from_the_daemon_config_file(tmp_path: Path) -> None:
+    import socket
+
+    from isovisor.host.config import DaemonConfig
+    from isovisor.security.audit import AuditConfigError
+    from isovisor.security.audit.hooks import HostAuditConfig
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(5)
+    toml = tmp_path / "isovisord.toml"
+    toml.write_text(f'[audit]\ncheckpoint_records = 2\ndurable_reads = false\n'
+                    f'syslog = "udp:127.0.0.1:{server.getsockname()[1]}"\n'
+                    f'syslog_checkpoints_only = true\n')
+    config = DaemonConfig.load(toml, state_dir=tmp_path / "state")
+    audit_config = HostAuditConfig.from_table(config.extra["audit"])
+    assert audit_config.checkpoint_records == 2 and not audit_config.durable_reads
+    audit = HostAudit(tmp_path / "state", audit_config)
+    audit.record_request(_request())
+    audit.close()
+    got = server.recv(70_000)
+    server.close()
+    assert b'"type":"genesis"' in got  # genesis and checkpoints leave the host
+    toml.write_text("[audit]\ncheckpoint_every = 3\n")
+    with pytest.raises(AuditConfigError, match="unknown setting"):
+        HostAuditConfig.from_table(DaemonConfig.load(toml).extra["audit"])
