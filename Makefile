@@ -18,7 +18,7 @@ GUEST_ELFS := $(patsubst guests/%.asm,guests/build/%.elf,$(GUEST_SRCS))
 .PHONY: setup system-deps venv guests demo test test-slow lint bench guest-linux clean help fuzz security-report
 
 help:
-	@echo "make demo        install what is missing, boot the hello guest"
+	@echo "make demo        install what is missing, boot a guest, then the daemon demo"
 	@echo "make test        install what is missing, run the test suite"
 	@echo "make test-slow   stock Linux boots under this host's emulation (minutes)"
 	@echo "make lint        ruff + mypy (strict on kvm, memory, devices, security)"
@@ -55,8 +55,11 @@ guests/build/%.elf: guests/%.asm guests/include/*.inc
 
 guests: system-deps $(GUEST_ELFS)
 
+# The main job with embedded defaults: one guest booted directly, then the daemon with two
+# tenants whose administrators each boot a VM through the mutual-TLS API.
 demo: setup
 	$(VENV)/bin/isovisor run --kernel guests/build/hello.elf
+	$(PY) -m isovisor.host.demo
 
 test: setup
 	$(PY) -m pytest -q
