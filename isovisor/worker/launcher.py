@@ -28,6 +28,7 @@ from typing import Any
 
 import isovisor
 from isovisor.devices.events import SecurityEvent, SecurityEventLog
+from isovisor.kvm import Kvm
 from isovisor.kvm.system import KVM_DEVICE
 from isovisor.vmm.builder import MAX_INITRD_BYTES, MAX_KERNEL_BYTES
 from isovisor.vmm.stop import StopReason
@@ -257,10 +258,10 @@ class Launcher:
             index[slot] = len(fds)
             fds.append(fd)
 
-        try:
-            kvm = os.open(self.kvm_device, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise BuildError(f"{self.kvm_device} cannot be opened: {exc.strerror}") from None
+        # Kvm checks the device, the API version and the capabilities, and raises
+        # KvmUnavailableError with the one-sentence reason the CLI prints.
+        with Kvm(self.kvm_device) as checked:
+            kvm = os.dup(checked.fd)
         opened.append(kvm)
         add("kvm", kvm)
         add("kernel", _open_image(req.kernel, "kernel", MAX_KERNEL_BYTES, opened))
