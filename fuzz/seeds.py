@@ -149,12 +149,17 @@ def virtio_net() -> Iterator[bytes]:
     from isovisor.devices.virtio.net_header import HEADER_SIZE
 
     frame = bytes(12) + b"\x08\x00" + bytes(46)
+    for n in (60, 8, 14, 0):  # header-only checks: frame lengths around the bounds
+        yield Writer().u8(0).u32(0).raw(bytes(HEADER_SIZE)).u8(0).u8(n).bytes()
     tx = [Desc(0, HEADER_SIZE, N, 1), Desc(0x100, len(frame), 0)]
     yield _device(~0, TX_QUEUE, lambda w: ring_seed(w, 8, tx, [0], bytes(HEADER_SIZE)),
-                  prefix=Writer().u8(0).bytes())
+                  prefix=Writer().u8(1).u8(0).bytes())
+    runt = [Desc(0, HEADER_SIZE, N, 1), Desc(0x100, 8, 0)]  # an 8-byte "frame"
+    yield _device(~0, TX_QUEUE, lambda w: ring_seed(w, 8, runt, [0], bytes(HEADER_SIZE)),
+                  prefix=Writer().u8(1).u8(0).bytes())
     rx = [Desc(0x1000 * i, 2048, W) for i in range(4)]
     hdr = bytes(HEADER_SIZE)
-    pre = Writer().u8(2).blob(hdr + frame).blob(hdr + frame * 60).bytes()
+    pre = Writer().u8(1).u8(2).blob(hdr + frame).blob(hdr + frame * 60).bytes()
     yield _device(~0, RX_QUEUE, lambda w: ring_seed(w, 8, rx, [0, 1, 2, 3], b""), prefix=pre)
 
 
@@ -168,6 +173,7 @@ def virtio_vsock() -> Iterator[bytes]:
     assert len(hdr(1)) == HDR_SIZE
     yield Writer().u8(0).u32(0).raw(hdr(int(Op.REQUEST))).bytes()
     yield Writer().u8(0).u32(100).raw(hdr(int(Op.RW), 100)).bytes()
+    yield Writer().u8(0).u32(50).raw(hdr(int(Op.RW), 100)).bytes()  # len past the buffers
     tx = [Desc(0, HDR_SIZE + 16, 0)]
     for o in (Op.REQUEST, Op.RW, Op.SHUTDOWN, Op.RST, Op.CREDIT_REQUEST):
         yield _device(~0, 1, lambda w, o=o: ring_seed(w, 8, tx, [0],
@@ -255,6 +261,10 @@ def boot_loader() -> Iterator[bytes]:
         for protocol in (0, 2, 3):
             yield Writer().u8(protocol).blob(b"console=ttyS0").u8(0).blob(b"initrd!")\
                 .u8(1).raw(image).bytes()
+        if image[:4] == b"\x7fELF":  # cut inside the program header table
+            phoff = int.from_bytes(image[0x20:0x28] if image[4] == 2 else image[0x1C:0x20],
+                                   "little")
+            yield Writer().u8(0).blob(b"").u8(1).u8(0).raw(image[:phoff + 8]).bytes()
 
 
 @seeds
