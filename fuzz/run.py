@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -157,7 +158,11 @@ def fuzz(name: str, runs: int | None, seconds: float | None, mode: str) -> int:
     stats.runs, stats.seconds = runs, seconds
     if hasattr(module, "setup"):
         module.setup()
-    scratch = CACHE / "corpus" / name
+    # CI starts from the committed corpus alone (a slice must not depend on what earlier
+    # local runs found); `make fuzz` keeps growing its own corpus across runs.
+    scratch = CACHE / ("ci-corpus" if mode == "ci" else "corpus") / name
+    if mode == "ci":
+        shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True, exist_ok=True)
     artifacts = CACHE / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)

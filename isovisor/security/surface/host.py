@@ -25,6 +25,7 @@ from isovisor.security.surface.model import (
     Entry,
     SurfaceError,
     details,
+    hexa,
 )
 
 # The umask the inventory's modes assume (files created without an explicit mode follow it).
@@ -190,7 +191,44 @@ def worker_entries() -> list[Entry]:
     ]
 
 
+def _path_hints(module: str, function: str) -> list[str]:
+    """The string constants a path-choosing function is built from."""
+    import ast
+
+    from isovisor.security.surface.astscan import module_tree
+
+    for node in ast.walk(module_tree(module)):
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            return sorted({c.value for stmt in body for c in ast.walk(stmt)
+                           if isinstance(c, ast.Constant) and isinstance(c.value, str)})
+    return []
+
+
+def runtime_entries() -> list[Entry]:
+    """Host files the VMM side reads back that other local processes might write."""
+    from isovisor.vmm import emulator_probe as ep
+    from isovisor.worker import ids
+
+    return [
+        Entry(
+            id="host:runtime/emulator-probe-cache", boundary=VMM_HOST,
+            source=qualname(ep.cached_probe),
+            details=details(file=ep.CACHE_NAME, max_bytes=ep._MAX_CACHE_BYTES,
+                            directory_hints=_path_hints(ep.__name__, "default_cache_path"),
+                            parser=qualname(ep._from_json)),
+        ),
+        Entry(
+            id="host:runtime/worker-id-leases", boundary=VMM_HOST,
+            source=qualname(ids.IdAllocator),
+            details=details(directory=str(ids.DEFAULT_LEASE_DIR),
+                            id_range=[hexa(ids.ID_RANGE_START), ids.ID_RANGE_SIZE]),
+        ),
+    ]
+
+
 def host_entries(machine: SurfaceMachine) -> list[Entry]:
-    return [*daemon_entries(), *vsock_entries(machine), *worker_entries()]
+    return [*daemon_entries(), *vsock_entries(machine), *worker_entries(),
+            *runtime_entries()]
 
 
