@@ -33,6 +33,7 @@ from isovisor.vmm.assists import try_assist
 from isovisor.vmm.boot.loader import BootEntry, load_kernel
 from isovisor.vmm.cpuid import build_cpuid
 from isovisor.vmm.emulator_probe import EmulatorProbe, cached_probe
+from isovisor.vmm.host_backends import HostBackends
 from isovisor.vmm.msrs import boot_msrs
 from isovisor.vmm.stop import StopEvent, StopReason
 from isovisor.vmm.vm import Vm, VmError
@@ -99,12 +100,17 @@ def _read_image(path: Path, what: str, limit: int) -> bytes:
 class Machine:
     """A VM with its devices, ready to run once."""
 
-    def __init__(self, spec: VmSpec, kvm: Kvm) -> None:
+    def __init__(self, spec: VmSpec, kvm: Kvm, *, probe: EmulatorProbe | None = None,
+                 backends: HostBackends | None = None) -> None:
+        """`probe`: the emulator probe's result when the caller has it (the jailed worker:
+        from its zygote), else read from the cache here. `backends`: device backends
+        already open (the jailed worker), else the devices open what the spec names."""
         self.spec = spec
         self.kvm = kvm
+        self.backends = backends
         kernel = _read_image(spec.kernel, "kernel", MAX_KERNEL_BYTES)
         initrd = _read_image(spec.initrd, "initrd", MAX_INITRD_BYTES) if spec.initrd else None
-        self.probe: EmulatorProbe = cached_probe(kvm)
+        self.probe: EmulatorProbe = probe if probe is not None else cached_probe(kvm)
         self.vm = Vm(kvm, spec.memory, spec.vcpus)
         self._out_file: BinaryIO | None = None
         self._in_socket: socket.socket | None = None
@@ -163,21 +169,28 @@ class Machine:
         """One virtio-mmio slot per device, in a fixed order: rng first (more to come)."""
         if self.spec.rng:
             self._attach(VirtioRng(self.vm.security_events, rate_limiter=self.spec.rng_limiter))
-        for disk in self.spec.disks:
+        b = self.backends
+        for i, disk in enumerate(self.spec.disks):
             try:
-                self.disks.append(open_disk(disk, self.vm.security_events))
+                self.disks.append(open_disk(disk, self.vm.security_events,
+                                            fd=b.disk_fds[i] if b else None))
             except DiskError as exc:
                 raise VmError(str(exc)) from None
             self._attach(self.disks[-1])
-        for net in self.spec.nets:
+        for i, net in enumerate(self.spec.nets):
             try:
-                self.nets.append(open_net(net, self.vm.security_events))
+                self.nets.append(open_net(net, self.vm.security_events,
+                                          backend=b.taps[i] if b else None))
             except NetError as exc:
                 raise VmError(str(exc)) from None
             self._attach(self.nets[-1])
         if self.spec.vsock is not None:
             try:
-                self.vsock = open_vsock(self.spec.vsock, self.vm.security_events)
+                self.vsock = open_vsock(
+                    self.spec.vsock, self.vm.security_events,
+                    listener_socket=b.vsock_listener if b else None,
+                    connector=b.vsock_connector if b else None,
+                )
             except VsockConfigError as exc:
                 raise VmError(str(exc)) from None
             self._attach(self.vsock)

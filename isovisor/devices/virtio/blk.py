@@ -291,13 +291,20 @@ class VirtioBlk(VirtioDevice):
 
 
 def open_disk(
-    spec: DiskSpec, events: SecurityEventSink, rate_limiter: RateLimiter | None = None
+    spec: DiskSpec,
+    events: SecurityEventSink,
+    rate_limiter: RateLimiter | None = None,
+    *,
+    fd: int | None = None,
 ) -> VirtioBlk:
     """Open `spec`'s image and wrap it in a device (DiskError names the path on failure).
-    Without `rate_limiter`, the spec's bandwidth and ops limits (if any) make one."""
+    Without `rate_limiter`, the spec's bandwidth and ops limits (if any) make one.
+    `fd`: the image already open (the jailed worker's host side opened it as the spec
+    says); the device takes it over and the path is not opened."""
     if rate_limiter is None and (spec.bandwidth is not None or spec.ops is not None):
         rate_limiter = RateLimiter(spec.bandwidth, spec.ops)
-    return VirtioBlk(Disk.open(spec), events, rate_limiter=rate_limiter)
+    disk = Disk.open(spec) if fd is None else Disk.from_fd(fd, spec)
+    return VirtioBlk(disk, events, rate_limiter=rate_limiter)
 
 
 def _cost(req: BlkRequest) -> int:

@@ -125,6 +125,17 @@ class Disk:
             raise
 
     @classmethod
+    def from_fd(cls, fd: int, spec: DiskSpec) -> Disk:
+        """An image its caller already opened as `spec` says (the jailed worker: the host
+        side opened it); the same checks and lock as `open`. Takes ownership of `fd`,
+        closing it on failure too. `spec.path` only names the disk in messages."""
+        try:
+            return cls._checked(fd, spec)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
     def _checked(cls, fd: int, spec: DiskSpec) -> Disk:
         path = spec.path
         st = os.fstat(fd)

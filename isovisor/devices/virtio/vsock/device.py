@@ -24,6 +24,7 @@ anything else, like every header rule in packet.py, is a GuestProtocolError.
 
 from __future__ import annotations
 
+import socket
 import struct
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from isovisor.devices.virtio.constants import DEVICE_ID_VSOCK
 from isovisor.devices.virtio.device import VirtioDevice
 from isovisor.devices.virtio.queue import Virtqueue
 from isovisor.devices.virtio.vsock.listener import HostListener, bind_listener
-from isovisor.devices.virtio.vsock.muxer import MAX_CONNECTIONS, Muxer, VsockStats
+from isovisor.devices.virtio.vsock.muxer import MAX_CONNECTIONS, Connector, Muxer, VsockStats
 from isovisor.devices.virtio.vsock.packet import (
     HDR_SIZE,
     MAX_GUEST_CID,
@@ -44,7 +45,7 @@ from isovisor.devices.virtio.vsock.packet import (
     parse_tx_header,
 )
 from isovisor.devices.virtio.vsock.poller import Poller
-from isovisor.devices.virtio.vsock.spec import VsockSpec, check_spec
+from isovisor.devices.virtio.vsock.spec import VsockConfigError, VsockSpec, check_spec
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
 QUEUE_SIZE = 256
@@ -66,9 +67,11 @@ class VirtioVsock(VirtioDevice):
         uds: Path | None = None,
         listener: HostListener | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        connector: Connector | None = None,
     ) -> None:
         """`uds`: guest connections to port P go to `<uds>_P` (None: all refused);
-        `listener`: host-initiated connections (open_vsock binds it at `uds`)."""
+        `listener`: host-initiated connections (open_vsock binds it at `uds`);
+        `connector`: makes guest connections instead of connecting to `<uds>_P` here."""
         super().__init__(events)
         if not MIN_GUEST_CID <= cid <= MAX_GUEST_CID:
             raise ValueError(f"vsock CID {cid} is reserved (§5.10.4)")
@@ -76,6 +79,7 @@ class VirtioVsock(VirtioDevice):
         self.uds = uds
         self.listener = listener
         self.max_connections = max_connections
+        self.connector = connector
         self.vsock_stats = VsockStats()
         self.muxer: Muxer | None = None
         self._poller: Poller | None = None
@@ -94,6 +98,7 @@ class VirtioVsock(VirtioDevice):
         self.muxer = Muxer(
             self.cid, self.uds, self.listener, poller,
             stats=self.vsock_stats, max_connections=self.max_connections,
+            connector=self.connector,
         )
         self._tx_blocked = False
         self.watch_fd(poller.fileno(), self._on_backend)
@@ -267,10 +272,28 @@ def _read_range(chain: DescriptorChain, offset: int, n: int) -> bytes:
     return b"".join(parts)
 
 
-def open_vsock(spec: VsockSpec, events: SecurityEventSink) -> VirtioVsock:
+def open_vsock(
+    spec: VsockSpec,
+    events: SecurityEventSink,
+    *,
+    listener_socket: socket.socket | None = None,
+    connector: Connector | None = None,
+) -> VirtioVsock:
     """The vsock device for `spec`, its listening socket bound at spec.uds (mode 0600).
     VsockConfigError explains a reserved CID or an unusable path. Call `close()` on the
-    device at VM teardown to remove the socket."""
-    check_spec(spec)
-    listener = bind_listener(spec.uds)
-    return VirtioVsock(events, cid=spec.cid, uds=spec.uds, listener=listener)
+    device at VM teardown to remove the socket.
+
+    The jailed worker's form: `listener_socket` is the socket its host side already bound
+    and listens on at spec.uds (the host side removes the path; this device only closes
+    the socket), and `connector` makes guest-initiated connections (through the host
+    side); nothing is bound, connected or checked on the file system here."""
+    if listener_socket is None:
+        check_spec(spec)
+        listener = bind_listener(spec.uds)
+    else:
+        if not MIN_GUEST_CID <= spec.cid <= MAX_GUEST_CID:
+            raise VsockConfigError(f"vsock CID {spec.cid} is reserved or out of range")
+        listener_socket.setblocking(False)
+        listener = HostListener(listener_socket, spec.uds, None)
+    return VirtioVsock(events, cid=spec.cid, uds=spec.uds, listener=listener,
+                       connector=connector)

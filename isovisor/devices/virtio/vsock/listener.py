@@ -61,10 +61,12 @@ class Handshake:
 class HostListener:
     """The accept side: pending handshakes, bounded in number and time."""
 
-    def __init__(self, sock: socket.socket, path: Path, ident: tuple[int, int]) -> None:
+    def __init__(self, sock: socket.socket, path: Path, ident: tuple[int, int] | None) -> None:
         self.sock = sock
         self.path = path
-        self._ident = ident  # (st_dev, st_ino) of the socket file we bound
+        # (st_dev, st_ino) of the socket file we bound; None: someone else bound it (the
+        # jailed worker gets the socket from its host side, which removes the path)
+        self._ident = ident
         self.handshakes: dict[int, Handshake] = {}
         self.refused = 0  # clients closed: too many pending, bad line, timeout
 
@@ -142,6 +144,8 @@ class HostListener:
     def close(self) -> None:
         """VM teardown: close the listening socket and remove its path (if still ours)."""
         self.sock.close()
+        if self._ident is None:
+            return
         try:
             st = os.lstat(self.path)
         except OSError:

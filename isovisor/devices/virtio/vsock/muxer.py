@@ -37,6 +37,11 @@ from isovisor.devices.virtio.vsock.packet import (
 )
 from isovisor.devices.virtio.vsock.poller import Poller
 
+# How a guest-initiated connection reaches host port P: a connected, non-blocking Unix
+# stream socket, or None (no service there: the guest gets RST). The default connects to
+# `<uds>_P` itself; a jailed worker, which may not connect(), asks its host side instead.
+Connector = Callable[[int], socket.socket | None]
+
 # Connections per VM. With connection.CONN_BUF_SIZE (256 KiB) this caps what one guest can
 # make the host hold for slow host sockets at 16 MiB.
 MAX_CONNECTIONS = 64
@@ -69,9 +74,11 @@ class Muxer:
         stats: VsockStats | None = None,
         max_connections: int = MAX_CONNECTIONS,
         clock: Callable[[], float] = time.monotonic,
+        connector: Connector | None = None,
     ) -> None:
         self.guest_cid = guest_cid
         self.uds = uds
+        self.connector = connector
         self.listener = listener
         self.poller = poller
         self.stats = stats or VsockStats()
@@ -120,18 +127,14 @@ class Muxer:
         self.orphans.append(rst_reply(hdr, self.guest_cid))
 
     def _connect_guest(self, hdr: Header, now: float) -> None:
-        if len(self.conns) >= self.max_connections or self.uds is None:
+        if len(self.conns) >= self.max_connections or (
+            self.uds is None and self.connector is None
+        ):
             self.stats.refused += 1
             self._orphan_rst(hdr)
             return
-        sock = socket.socket(
-            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-        )
-        try:
-            # The guest chooses only the number: no path of its own reaches the host.
-            sock.connect(f"{self.uds}_{hdr.dst_port}")
-        except OSError:  # ENOENT, ECONNREFUSED, EAGAIN (backlog full): no service
-            sock.close()
+        sock = (self.connector or self._connect_uds)(hdr.dst_port)
+        if sock is None:  # ENOENT, ECONNREFUSED, EAGAIN (backlog full): no service
             self.stats.refused += 1
             self._orphan_rst(hdr)
             return
@@ -143,6 +146,18 @@ class Muxer:
         self.stats.guest_connects += 1
         self.conns[conn.key] = conn
         self._after(conn)
+
+    def _connect_uds(self, port: int) -> socket.socket | None:
+        sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        )
+        try:
+            # The guest chooses only the number: no path of its own reaches the host.
+            sock.connect(f"{self.uds}_{port}")
+        except OSError:
+            sock.close()
+            return None
+        return sock
 
     # --- host events -------------------------------------------------------------------
 
