@@ -56,12 +56,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _kill_inside(ns: str) -> None:
+    """SIGKILL every process still in namespace `ns` (a dnsmasq or VMM of a dead test)."""
+    for pid in _ip("netns", "pids", ns, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
 def sweep_stale() -> None:
-    """Delete namespaces left by test processes that no longer exist."""
+    """Delete namespaces (and the processes in them) left by test processes that no
+    longer exist."""
     listing = _ip("netns", "list", check=False).stdout
     for name in re.findall(rf"^({PREFIX}(\d+)-\d+)", listing, re.MULTILINE):
         full, pid = name
         if not _pid_alive(int(pid)):
+            _kill_inside(full)
             _ip("netns", "del", full, check=False)
 
 
@@ -232,6 +243,7 @@ class NetNs:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        _kill_inside(self.name)  # anything a started process left behind in there
         # Deleting the namespace removes its TAPs and veths with it.
         _ip("netns", "del", self.name, check=False)
 
