@@ -50,6 +50,10 @@ class GuestLinuxError(Exception):
     """An expected failure (no network, unknown package, bad image): one line, exit 1."""
 
 
+class NetworkError(GuestLinuxError):
+    """The package registry could not be reached."""
+
+
 class BzImageError(GuestLinuxError):
     """The bzImage or its payload is malformed or in a format this tool cannot read."""
 
@@ -325,7 +329,7 @@ def download(package: str, directory: Path, apt_options: Sequence[str] = ()) -> 
         if "Unable to locate package" in errors or "no installation candidate" in errors:
             raise GuestLinuxError(f"package {package} not found: {errors}")
         if any(h in proc.stderr for h in _NETWORK_HINTS):
-            raise GuestLinuxError(f"cannot download {package} (no network?): {errors}")
+            raise NetworkError(f"cannot download {package} (no network?): {errors}")
         raise GuestLinuxError(f"apt-get download {package} failed: {errors}")
     debs = sorted(directory.glob(f"{package}_*.deb"))
     if len(debs) != 1:

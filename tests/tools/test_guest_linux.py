@@ -249,7 +249,7 @@ def test_download_without_network_is_a_clear_error(
         "", "E: Failed to fetch http://deb.debian.org/x.deb  Could not resolve 'deb.debian.org'\n",
         100,
     ))
-    with pytest.raises(gl.GuestLinuxError, match=r"cannot download linux-image-x \(no network\?\)"):
+    with pytest.raises(gl.NetworkError, match=r"cannot download linux-image-x \(no network\?\)"):
         gl.download("linux-image-x", tmp_path)
 
 
