@@ -36,8 +36,8 @@ README_CLEARCPUID = (
 # The command line of guest-kernels/README.md.
 CMDLINE = f"console=ttyS0 root=/dev/vda rw ip=dhcp panic=-1 clearcpuid={README_CLEARCPUID}"
 IMAGE_BYTES = 16 << 20
-GUEST_TIMEOUT_S = 840  # each VMM's own limit; a boot takes 1-5 minutes here with load
-TEST_TIMEOUT_S = 960
+GUEST_TIMEOUT_S = 1200  # each VMM's own limit: 1-5 minutes on a quiet host, 15-20 under load
+TEST_TIMEOUT_S = 1380
 EXPECTED = (
     "virtio_blk virtio0: [vda] 32768 512-byte logical blocks",
     "EXT4-fs (vda): mounted filesystem",
