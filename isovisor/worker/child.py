@@ -37,12 +37,14 @@ from isovisor.kvm import Kvm, KvmError
 from isovisor.memory import GuestMemoryError
 from isovisor.vmm.boot.errors import BootError
 from isovisor.vmm.builder import Machine, SerialSpec, VmSpec
+from isovisor.vmm.emulator_probe import EmulatorProbe
 from isovisor.vmm.stop import StopEvent, StopReason
 from isovisor.vmm.vm import VmError
 from isovisor.worker import (
     capabilities,
     cgroups,
     core_sched,
+    devices,
     landlock,
     mounts,
     namespaces,
@@ -81,6 +83,7 @@ class HostFacts:
     programs: dict[str, bytes]
     cap_last: int
     smt: str
+    probe: EmulatorProbe | None = None  # the emulator probe's result (None: no KVM yet)
 
 
 # --- W0: the zygote's child ------------------------------------------------------------
@@ -102,7 +105,11 @@ def _remap_fds(fds: list[int], cfg: WorkerConfig, report_w: int) -> None:
             null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
             os.dup2(null, target, inheritable=False)
             os.close(null)
-    os.closerange(FD_REPORT + 1, MAX_FD)
+    start = FD_REPORT + 1  # close everything else, keeping the device backends
+    for keep in devices.device_fd_targets(cfg):
+        os.closerange(start, keep)
+        start = keep + 1
+    os.closerange(start, MAX_FD)
 
 
 def worker_entry(cfg: WorkerConfig, fds: list[int], report_w: int, facts: HostFacts,
@@ -155,8 +162,14 @@ def _fd_path(slot: str) -> Path:
     return Path(f"/proc/self/fd/{FD_TARGET[slot]}")
 
 
-def build_machine(cfg: WorkerConfig) -> Machine:
+def build_machine(cfg: WorkerConfig, probe: EmulatorProbe | None = None) -> Machine:
+    """The VM, from the fds the host side passed: the kernel and initrd through
+    /proc/self/fd, the device backends as they are (devices.worker_devices)."""
     has = cfg.fd_index
+    try:
+        disks, nets, vsock, backends = devices.worker_devices(cfg)
+    except ProtocolError as exc:  # checked in the zygote already: cannot happen
+        raise BuildError(str(exc)) from None
     serial = SerialSpec(target="stdio" if "serial_out" in has else "none",
                         rate=cfg.serial_rate, total_limit=cfg.serial_total_limit)
     spec = VmSpec(
@@ -164,11 +177,11 @@ def build_machine(cfg: WorkerConfig) -> Machine:
         cmdline=cfg.cmdline, memory=cfg.memory, vcpus=cfg.vcpus,
         protocol=cfg.protocol,  # type: ignore[arg-type]
         serial=serial, serial_input="fd:0" if "serial_in" in has else "none",
-        rng=bool(cfg.rng),
+        rng=bool(cfg.rng), disks=disks, nets=nets, vsock=vsock,
     )
     try:
         kvm = Kvm(str(_fd_path("kvm")))
-        machine = Machine(spec, kvm)
+        machine = Machine(spec, kvm, probe=probe, backends=backends)
     except (KvmError, VmError, BootError, GuestMemoryError) as exc:
         raise BuildError(str(exc)) from None
     # Setup is over: no fd that could create another VM or reread an image stays open.
@@ -183,7 +196,9 @@ def build_machine(cfg: WorkerConfig) -> Machine:
 
 def _jail(cfg: WorkerConfig, facts: HostFacts, report: dict[str, Any]) -> None:
     """Every step after the build, up to (not including) seccomp."""
-    limits = rlimits.plan(cfg.vcpus, cfg.tasks_limit, [1, 2], cfg.serial_total_limit or 0)
+    limits = rlimits.plan(cfg.vcpus, cfg.tasks_limit, [1, 2], cfg.serial_total_limit or 0,
+                          disk_sizes=devices.disk_sizes(cfg),
+                          extra_fds=rlimits.VSOCK_FDS if cfg.vsock is not None else 0)
     mounts.build_root(cfg.binds)
     namespaces.set_hostname()
     rlimits.apply(limits)
@@ -200,7 +215,7 @@ def worker_init(cfg: WorkerConfig, control: socket.socket, facts: HostFacts) -> 
     report: dict[str, Any] = {"vm_id": cfg.vm_id}
     machine: Machine | None = None
     try:
-        machine = build_machine(cfg)
+        machine = build_machine(cfg, facts.probe)
         _jail(cfg, facts, report)
         if cfg.test_hook == "probe":
             report["probe"] = test_hook.probe()

@@ -79,6 +79,7 @@ def run_jailed(args: argparse.Namespace, serial_input: str) -> int:
                 memory=args.memory, vcpus=args.vcpus, protocol=args.boot_protocol,
                 serial_out_fd=inputs.serial_out(args.serial),
                 serial_in_fd=inputs.serial_in(serial_input), rng=bool(args.rng),
+                disks=tuple(args.disk), nets=tuple(args.net), vsock=args.vsock,
             )
             if args.serial_rate is not None:
                 req.serial_rate = float(args.serial_rate)

@@ -22,8 +22,23 @@ FD_KVM = 4
 FD_KERNEL = 5
 FD_INITRD = 6
 FD_FIRST_FREE = 7
-FD_SLOTS = ("serial_in", "serial_out", "stderr", "control", "kvm", "kernel", "initrd")
-FD_TARGET = dict(zip(FD_SLOTS, range(FD_FIRST_FREE), strict=True))
+BASE_SLOTS = ("serial_in", "serial_out", "stderr", "control", "kvm", "kernel", "initrd")
+# Device backends the host side opened, above the W0 -> zygote report pipe (fd 7). Fixed
+# numbers too: the seccomp filters name the vsock broker socket by its number.
+MAX_DISKS = MAX_NETS = 8  # virtio-mmio slots per VM (isovisor.devices.virtio.slots)
+FD_VSOCK_LISTENER = 8  # the listening Unix socket at <uds>, bound by the host side
+FD_VSOCK_BROKER = 9  # SEQPACKET to the host side, which connects <uds>_P for the worker
+FD_DISK_BASE = 10  # disk i: the image, opened by the host side as its spec says
+FD_TAP_BASE = FD_DISK_BASE + MAX_DISKS  # net i: the TAP, attached by the host side
+DEVICE_SLOTS = ("vsock_listener", "vsock_broker", *(f"disk{i}" for i in range(MAX_DISKS)),
+                *(f"tap{i}" for i in range(MAX_NETS)))
+FD_SLOTS = BASE_SLOTS + DEVICE_SLOTS
+FD_TARGET = {
+    **dict(zip(BASE_SLOTS, range(FD_FIRST_FREE), strict=True)),
+    "vsock_listener": FD_VSOCK_LISTENER, "vsock_broker": FD_VSOCK_BROKER,
+    **{f"disk{i}": FD_DISK_BASE + i for i in range(MAX_DISKS)},
+    **{f"tap{i}": FD_TAP_BASE + i for i in range(MAX_NETS)},
+}
 
 
 @dataclass
@@ -45,6 +60,12 @@ class WorkerConfig:
     test_hook: str | None = None
     rng: bool = False  # a virtio-rng device (entropy from getrandom(2): no fd needed)
     log_level: int = 30
+    # virtio-blk, virtio-net, virtio-vsock: how each device behaves (isovisor.worker.
+    # devices encodes and checks them); their backends arrive as fds (disk<i>, tap<i>,
+    # vsock_listener + vsock_broker)
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    nets: list[dict[str, Any]] = field(default_factory=list)
+    vsock: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,4 +90,7 @@ class WorkerConfig:
         for slot in ("control", "kvm", "kernel"):
             if slot not in cfg.fd_index:
                 raise ProtocolError(f"worker config: no {slot} fd")
+        from isovisor.worker.devices import check_devices  # it imports this module
+
+        check_devices(cfg)
         return cfg

@@ -1,11 +1,13 @@
 """The host side of workers: start the zygote, launch one jailed worker per VM, watch it.
 
 For each VM the launcher leases a uid/gid, creates the VM's cgroups, opens what the VM
-needs (/dev/kvm, the kernel and initrd, serial streams) and hands the zygote only those
-file descriptors plus one end of a control socket. It then waits for the worker's
-"ready" (every jail step passed) or "failed" (naming the step). On exit it removes the
-cgroups, releases the lease, and turns a seccomp death into a security event naming the
-syscall.
+needs (/dev/kvm, the kernel and initrd, serial streams, and the backends of its disks,
+TAPs and vsock device: isovisor.worker.devices) and hands the zygote only those file
+descriptors plus one end of a control socket. For a vsock device it also serves the
+worker's requests to connect host sockets (isovisor.worker.vsock_broker). It then waits
+for the worker's "ready" (every jail step passed) or "failed" (naming the step). On exit
+it removes the cgroups, releases the lease, and turns a seccomp death into a security
+event naming the syscall.
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ from typing import Any
 
 import isovisor
 from isovisor.devices.events import SecurityEvent, SecurityEventLog
+from isovisor.devices.virtio.blk_disk import DiskSpec
+from isovisor.devices.virtio.net_spec import NetSpec
+from isovisor.devices.virtio.vsock.spec import VsockSpec
 from isovisor.kvm import Kvm
 from isovisor.kvm.system import KVM_DEVICE
 from isovisor.vmm.builder import MAX_INITRD_BYTES, MAX_KERNEL_BYTES
 from isovisor.vmm.stop import StopReason
 from isovisor.worker import cgroups, protocol, test_hook
 from isovisor.worker.config import WorkerConfig
+from isovisor.worker.devices import HostDevices
 from isovisor.worker.errors import BuildError, JailError, ProtocolError, WorkerError
 from isovisor.worker.ids import DEFAULT_LEASE_DIR, IdAllocator, IdLease
 from isovisor.worker.security_report import SeccompKill, describe_status, explain_sigsys
@@ -66,6 +72,9 @@ class LaunchRequest:
     test_hook: str | None = None
     vm_id: str | None = None
     rng: bool = False
+    disks: tuple[DiskSpec, ...] = ()  # virtio-blk, in order (vda, vdb, ...)
+    nets: tuple[NetSpec, ...] = ()  # virtio-net on existing TAPs (in the caller's netns)
+    vsock: VsockSpec | None = None  # virtio-vsock; the launcher binds its socket
 
 
 @dataclass
@@ -195,8 +204,13 @@ class Launcher:
         groups: cgroups.VmCgroups | None = None
         ours: socket.socket | None = None
         theirs: socket.socket | None = None
+        devices: HostDevices | None = None
         try:
             fds, fd_index = self._open_inputs(req, opened)
+            devices = HostDevices.open(req.disks, req.nets, req.vsock)
+            for slot, fd in devices.fds.items():
+                fd_index[slot] = len(fds)
+                fds.append(fd)
             lease = self.ids.allocate()
             vm_id = req.vm_id or f"vm-{os.getpid()}-{next(self._seq)}"
             limits = cgroups.CgroupLimits.for_vm(req.vcpus, req.memory, req.cpuset)
@@ -213,7 +227,7 @@ class Launcher:
                 serial_rate=req.serial_rate, serial_total_limit=req.serial_total_limit,
                 cgroup_procs=groups.procs_files, tasks_limit=limits.pids, binds=req.binds,
                 fd_index=fd_index, test_hook=req.test_hook, log_level=self.log_level,
-                rng=req.rng,
+                rng=req.rng, disks=devices.disks, nets=devices.nets, vsock=devices.vsock,
             )
             t0 = time.perf_counter()
             with self._lock:
@@ -221,14 +235,16 @@ class Launcher:
                 protocol.send(self._sock, protocol.OP_LAUNCH, {"config": cfg.to_json()}, fds)
                 theirs.close()
                 theirs = None
+                devices.sent()  # the zygote has its own copies now
+                devices.start()  # a vsock device's broker serves from now on
                 reply = None
                 while reply is None:
                     reply = self._pump(timeout)
                     if reply is None and self._sock is None:
                         raise WorkerError("the zygote went away")
-            handle = WorkerHandle(self, vm_id, ours, lease, groups)
+            handle = WorkerHandle(self, vm_id, ours, lease, groups, devices)
             ours = None
-            lease = groups = None
+            lease = groups = devices = None
             if reply.op != protocol.OP_LAUNCHED:
                 handle.pid = -1
                 handle._await_failure(reply.body.get("detail", "launch failed"))
@@ -244,6 +260,9 @@ class Launcher:
             for s in (ours, theirs):
                 if s is not None:
                     s.close()
+            if devices is not None:
+                devices.sent()
+                devices.finish()
             if groups is not None:
                 groups.remove(attempts=1)
             if lease is not None:
@@ -312,12 +331,14 @@ class WorkerHandle:
     """One running worker, as the host sees it."""
 
     def __init__(self, launcher: Launcher, vm_id: str, control: socket.socket,
-                 lease: IdLease, groups: cgroups.VmCgroups) -> None:
+                 lease: IdLease, groups: cgroups.VmCgroups,
+                 devices: HostDevices | None = None) -> None:
         self.launcher = launcher
         self.vm_id = vm_id
         self.control = control
         self.lease = lease
         self.cgroups = groups
+        self.devices = devices or HostDevices()
         self.pid = -1
         self.report: dict[str, Any] = {}
         self.stopped: dict[str, Any] | None = None
@@ -451,6 +472,7 @@ class WorkerHandle:
 
     def _cleanup(self) -> None:
         self.control.close()
+        self.devices.finish()  # the vsock broker stops, its socket path goes
         self.cgroups.remove()
         self.lease.release()
 

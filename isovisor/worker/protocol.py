@@ -19,7 +19,8 @@ from isovisor.worker.errors import ProtocolError
 
 # A launch request with a jail report is a few KiB; anything near this is not ours.
 MAX_MESSAGE_BYTES = 64 * 1024
-# kvm, kernel, initrd, serial out, serial in, control, and room for disks and TAPs.
+# kvm, kernel, initrd, serial out, serial in, stderr, control, and room for the device
+# backends (at most 8 disks + 8 TAPs, the vsock listener and broker: 25 in all).
 MAX_FDS = 32
 
 # host -> zygote
@@ -36,6 +37,12 @@ OP_PONG = "pong"
 # host -> worker
 OP_STOP = "stop"
 OP_PING = "ping"
+# The vsock broker, on its own socket (vsock_broker.py): the host connects <uds>_<port>
+# for a guest-initiated connection and passes the socket back.
+# worker -> host (vsock broker)
+OP_VSOCK_CONNECT = "vsock-connect"
+# host -> worker (vsock broker)
+OP_VSOCK_CONNECTED = "vsock-connected"
 
 
 @dataclass

@@ -51,13 +51,14 @@ def prepare() -> tuple[HostFacts, dict[str, Any]]:
     from isovisor.worker.seccomp.policy import POLICIES
 
     programs = {name: compile_bpf(make()) for name, make in POLICIES.items()}
-    try:  # the emulator probe runs once per host boot; workers then only read its cache
+    probe = None
+    try:  # the emulator probe runs once per host boot; workers get its result from here
         with Kvm() as kvm:
-            cached_probe(kvm)
+            probe = cached_probe(kvm)
     except KvmUnavailableError:
         pass
     mounts.prepare_mount_point()
-    facts = HostFacts(programs, capabilities.last_cap(), core_sched.smt_state())
+    facts = HostFacts(programs, capabilities.last_cap(), core_sched.smt_state(), probe)
     gc.collect()
     gc.freeze()  # the collector never touches preloaded objects: fewer copied pages
     info = {"pid": os.getpid(), "preload_failed": failed,

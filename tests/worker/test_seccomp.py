@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -165,7 +167,8 @@ def test_ioctls_are_restricted_per_role() -> None:
 
     assert k.KVM_RUN in ioctls(policy.vcpu())
     assert k.KVM_RUN not in ioctls(policy.device_io())
-    assert ioctls(policy.control()) == set(policy.FD_IOCTLS)
+    # the control thread also tears the VM down: a TAP's offloads go back to none
+    assert ioctls(policy.control()) == set(policy.FD_IOCTLS) | set(policy.TAP_IOCTLS)
     for never in (k.KVM_CREATE_VM, k.KVM_CREATE_VCPU, k.KVM_SET_USER_MEMORY_REGION,
                   k.KVM_IOEVENTFD, k.KVM_IRQFD, k.KVM_SET_CPUID2, k.KVM_SET_MSRS):
         assert never not in ioctls(policy.base()), hex(never)
@@ -265,3 +268,127 @@ def test_a_sleep_interrupted_by_stop_and_continue_resumes_under_the_filters() ->
     os.kill(pid, signal.SIGCONT)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, describe(status)
+
+
+
+def _device_thread_in_child(action: Callable[[], None], extra_fd: int | None = None,
+                            while_running: Callable[[], None] | None = None) -> int:
+    """Fork; the child stacks the filters as a worker does (base, vcpu0's, then a device
+    thread's started by it) and runs `action()` on the device thread. `extra_fd` lands at
+    the vsock broker socket's fixed number first; the parent runs `while_running()` after
+    the fork. Returns the wait status."""
+    from isovisor.worker.config import FD_VSOCK_BROKER
+    from isovisor.worker.seccomp import threads
+
+    programs = {name: compile_bpf(make()) for name, make in policy.POLICIES.items()}
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import ctypes
+            import threading
+
+            if extra_fd is not None:
+                os.dup2(extra_fd, FD_VSOCK_BROKER)
+            ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
+            install(programs["base"], all_threads=True)
+            threads.install_role_hook(programs)
+            ok: list[bool] = []
+
+            def device_io() -> None:
+                action()
+                ok.append(True)
+
+            def vcpu() -> None:
+                t = threading.Thread(target=device_io, name="io-virtio-vsock@0xd0000000")
+                t.start()
+                t.join()
+
+            v = threading.Thread(target=vcpu, name="vcpu0")
+            v.start()
+            v.join()
+            os._exit(0 if ok else 2)
+        finally:
+            os._exit(1)
+    if while_running is not None:
+        while_running()
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def test_a_vsock_device_thread_can_do_its_io_under_the_filters(tmp_path: Path) -> None:
+    """What the jailed vsock device does: accept host clients on the listening socket the
+    host side bound, get sockets the host side's broker connected (recvmsg on the broker
+    socket, wrapped in socket objects), and move bytes and shutdowns on both."""
+    import socket
+
+    from isovisor.worker import protocol
+    from isovisor.worker.config import FD_VSOCK_BROKER
+    from isovisor.worker.vsock_broker import BrokerConnector, VsockBroker
+
+    uds = tmp_path / "v.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as service, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        listener.bind(str(uds))
+        listener.listen(4)
+        listener.setblocking(False)
+        service.bind(f"{uds}_5000")
+        service.listen(4)
+        client.connect(str(uds))  # waits in the backlog for the device's accept
+        client.sendall(b"CONNECT 5\n")
+        host_end, worker_end = protocol.socketpair()
+        broker = VsockBroker(host_end, uds)
+
+        def vsock_io() -> None:
+            conn, _ = listener.accept()  # accept4, and CPython's getsockname
+            conn.setblocking(False)
+            line = conn.recv(32, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            assert conn.recv(len(line), socket.MSG_DONTWAIT) == b"CONNECT 5\n"
+            conn.send(b"OK 1073741824\n", socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            conn.shutdown(socket.SHUT_WR)
+            conn.close()
+            connector = BrokerConnector(socket.socket(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=FD_VSOCK_BROKER))
+            sock = connector(5000)  # sendmsg/recvmsg on the broker socket
+            assert sock is not None
+            sock.send(b"ping", socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            connector.close()  # else a ResourceWarning's repr calls getpeername
+
+        try:
+            status = _device_thread_in_child(vsock_io, worker_end.fileno(), broker.start)
+        finally:
+            worker_end.close()
+            broker.close()
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, describe(status)
+        assert client.recv(64) == b"OK 1073741824\n"
+        peer, _ = service.accept()
+        with peer:
+            assert peer.recv(16) == b"ping"
+        assert broker.connected == 1
+
+
+@pytest.mark.parametrize("action", ["connect", "sendmsg-elsewhere", "bind"])
+def test_a_device_thread_cannot_connect_or_pass_fds_on_other_sockets(action: str) -> None:
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # made before the filters
+
+    def forbidden() -> None:
+        if action == "connect":
+            s.connect("/nonexistent")
+        elif action == "sendmsg-elsewhere":  # any socket but the broker's
+            a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                (0).to_bytes(4, "little"))])
+        else:
+            s.bind(b"\0isovisor-test")
+
+    try:
+        status = _device_thread_in_child(forbidden)
+    finally:
+        a.close()
+        b.close()
+        s.close()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS, describe(status)

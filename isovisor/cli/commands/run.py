@@ -111,18 +111,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.serial_rate is not None:
         serial = SerialSpec(target=args.serial, rate=float(args.serial_rate))
     serial_input = args.serial_input or ("stdin" if args.serial == "stdio" else "none")
-    if args.disk and not args.no_jail:
-        print("isovisor: --disk needs --no-jail for now: the jailed worker does not take "
-              "disk images yet", file=sys.stderr)
-        return EXIT_USAGE
-    if args.net and not args.no_jail:
-        print("isovisor: --net needs --no-jail for now: the jailed worker does not take "
-              "TAP devices yet", file=sys.stderr)
-        return EXIT_USAGE
-    if args.vsock and not args.no_jail:
-        print("isovisor: --vsock needs --no-jail for now: the jailed worker does not take "
-              "vsock sockets yet", file=sys.stderr)
-        return EXIT_USAGE
     if not args.no_jail:  # the default: the VM runs in its own jailed worker process
         from isovisor.worker.cli_run import run_jailed
 

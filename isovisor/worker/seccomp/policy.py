@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from isovisor.devices.tap import TUNSETOFFLOAD
 from isovisor.kvm import constants as k
+from isovisor.worker.config import FD_CONTROL, FD_VSOCK_BROKER
 
 AF_UNIX = 1
 CLONE_THREAD = 0x00010000
@@ -58,7 +59,13 @@ BLOCK_IO = ("pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2", "
             "fdatasync", "lseek")
 POLL = ("poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait",
         "epoll_pwait", "epoll_pwait2", "eventfd2", "pipe2")
-UNIX_IO = ("recvmsg", "sendmsg", "recvfrom", "sendto", "shutdown")
+# Stream I/O on Unix sockets the worker was handed or accepted (send/recv are sendto/
+# recvfrom). No call creates, binds or connects a socket: the host side does that.
+UNIX_IO = ("recvfrom", "sendto", "shutdown")
+# A vsock device's host sockets: clients accepted on the listening socket the host side
+# bound, and sockets the host side's broker connected (received with recvmsg on the
+# broker socket). CPython checks an fd it wraps in a socket object with getsockname.
+VSOCK_IO = (*UNIX_IO, "accept4", "getsockname")
 
 
 @dataclass(frozen=True)
@@ -97,38 +104,50 @@ _FCNTL = [Rule("fcntl", ((1, 0xFFFF_FFFF, cmd),)) for cmd in (F_GETFD, F_SETFD, 
                                                                  F_SETFL)]
 
 
+def _messages_on(*fds: int) -> list[Rule]:
+    """sendmsg/recvmsg, the calls that can carry file descriptors (SCM_RIGHTS), only on
+    the given sockets, named by their fixed numbers (config.FD_*): no other socket (a vsock
+    connection to a host service) can take a descriptor of the worker out."""
+    return [Rule(name, ((0, 0xFFFF_FFFF, fd),)) for name in ("sendmsg", "recvmsg")
+            for fd in fds]
+
+
 def base() -> Policy:
     """The ceiling for the whole worker after setup (the union of the roles, plus the
     process-level calls: exit_group, seccomp to add a thread's role filter)."""
-    rules = _plain(*MEMORY, *THREADS, *TIME, *IO, *BLOCK_IO, *POLL, *UNIX_IO, "mincore",
+    rules = _plain(*MEMORY, *THREADS, *TIME, *IO, *BLOCK_IO, *POLL, *VSOCK_IO, "mincore",
                    "exit_group", "getrandom", "getuid", "geteuid", "getgid", "getegid",
                    "rt_sigaction")
     rules += [_TGKILL, _CLONE_THREAD, *_FCNTL,
               Rule("socket", ((0, 0xFFFF_FFFF, AF_UNIX),)), *_FALLOCATE,
-              _ADD_FILTER]
+              _ADD_FILTER, *_messages_on(FD_CONTROL, FD_VSOCK_BROKER)]
     rules += _ioctls(VCPU_IOCTLS + DEVICE_IOCTLS + TAP_IOCTLS + FD_IOCTLS)
     return Policy("base", tuple(rules), enosys=("clone3",))
 
 
 def vcpu() -> Policy:
-    rules = _plain(*MEMORY, *THREADS, *TIME, *IO, *BLOCK_IO, *POLL, "getrandom")
+    # VSOCK_IO and the broker socket: a vsock device thread is started by a vCPU thread
+    # (DRIVER_OK) and keeps this filter under its own.
+    rules = _plain(*MEMORY, *THREADS, *TIME, *IO, *BLOCK_IO, *POLL, *VSOCK_IO, "getrandom")
     rules += [_TGKILL, _CLONE_THREAD, _ADD_FILTER, *_FCNTL, *_FALLOCATE,
-              *_ioctls(VCPU_IOCTLS + TAP_IOCTLS + FD_IOCTLS)]
+              *_messages_on(FD_VSOCK_BROKER), *_ioctls(VCPU_IOCTLS + TAP_IOCTLS + FD_IOCTLS)]
     return Policy("vcpu", tuple(rules), enosys=("clone3",))
 
 
 def device_io() -> Policy:
-    rules = _plain(*MEMORY, *THREADS, *TIME, *IO, *BLOCK_IO, *POLL, "getrandom")
-    rules += [_TGKILL, _ADD_FILTER, *_FCNTL, *_FALLOCATE,
+    rules = _plain(*MEMORY, *THREADS, *TIME, *IO, *BLOCK_IO, *POLL, *VSOCK_IO, "getrandom")
+    rules += [_TGKILL, _ADD_FILTER, *_FCNTL, *_FALLOCATE, *_messages_on(FD_VSOCK_BROKER),
               *_ioctls(DEVICE_IOCTLS + TAP_IOCTLS + FD_IOCTLS)]
     return Policy("device-io", tuple(rules))
 
 
 def control() -> Policy:
+    # The VM's teardown runs here too (Machine.close): device resets take the vsock
+    # device's host sockets out of its epoll set and set a TAP's offloads back to none.
     rules = _plain(*MEMORY, *THREADS, *TIME, *IO, "poll", "ppoll", "select", "pselect6",
-                   "pipe2", *UNIX_IO, "mincore", "exit_group", "rt_sigaction")
+                   "pipe2", *UNIX_IO, "mincore", "exit_group", "rt_sigaction", "epoll_ctl")
     rules += [_TGKILL, *_FCNTL, Rule("fallocate", ((1, 0xFFFF_FFFF, FALLOC_PUNCH),)),
-              *_ioctls(FD_IOCTLS)]
+              *_messages_on(FD_CONTROL), *_ioctls(TAP_IOCTLS + FD_IOCTLS)]
     return Policy("control", tuple(rules))
 
 

@@ -75,10 +75,26 @@ def test_cli_rejects_bad_syntax_as_usage_error(tmp_path: Path) -> None:
     assert r.returncode == 2 and "unknown option 'bogus'" in r.stderr
 
 
-def test_cli_jailed_run_says_disks_need_no_jail(tmp_path: Path) -> None:
+@pytest.mark.kvm
+def test_cli_jailed_run_takes_disks(
+    kvm: Kvm, built_guests: dict[str, Path], tmp_path: Path
+) -> None:
+    """Disks work in the jailed worker (the default): the host side opens the image
+    (test_jailed_guests.py has a guest driving it); a missing one is named as before."""
+    from tests.worker.conftest import require_root
+
+    require_root()
     img = make_image(tmp_path / "d.img", 8)
-    r = run_cli("--kernel", "/nonexistent", "--disk", str(img))
-    assert r.returncode == 2 and "--no-jail" in r.stderr
+    r = run_cli("--kernel", str(built_guests["hello"]), "--memory", "32M", "--serial", "none",
+                "--disk", str(img), "--disk", f"{img},readonly", "--timeout", "30")
+    assert "--no-jail" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "in use by another VM" in r.stderr  # the first open holds the exclusive lock
+    r = run_cli("--kernel", str(built_guests["hello"]), "--memory", "32M", "--serial", "none",
+                "--disk", str(img), "--timeout", "30")
+    assert r.returncode == 0 and "guest reset" in r.stderr, r.stderr  # hello resets
+    missing = tmp_path / "missing.img"
+    r = run_cli("--kernel", str(built_guests["hello"]), "--disk", str(missing))
+    assert r.returncode == 1 and f"isovisor: disk {missing} does not exist" in r.stderr
 
 
 @pytest.mark.kvm

@@ -55,9 +55,25 @@ def test_cli_bad_syntax_is_a_usage_error() -> None:
     assert r.returncode == 2 and "expected cid=N,uds=PATH" in r.stderr
 
 
-def test_cli_jailed_run_says_vsock_needs_no_jail(tmp_path: Path) -> None:
-    r = run_cli("--kernel", "/nonexistent", "--vsock", f"cid=3,uds={tmp_path}/v.sock")
-    assert r.returncode == 2 and "--no-jail" in r.stderr
+@pytest.mark.kvm
+def test_cli_jailed_run_takes_vsock_and_cleans_up(
+    kvm: Kvm, tmp_path: Path, built_guests: dict[str, Path]
+) -> None:
+    """--vsock works in the jailed worker (the default): the CLI, its host side, binds
+    the socket and removes it when the VM ends (test_jailed_guests.py has a guest using
+    it); a path that exists already is refused and left alone, as before."""
+    from tests.worker.conftest import require_root
+
+    require_root()
+    r = run_cli("--kernel", str(built_guests["hello"]), "--memory", "32M", "--serial", "none",
+                "--rng", "--vsock", f"cid=3,uds={tmp_path}/v.sock", "--timeout", "30")
+    assert r.returncode == 0 and "guest reset" in r.stderr, r.stderr
+    assert not (tmp_path / "v.sock").exists()
+    (tmp_path / "taken").write_text("")
+    r = run_cli("--kernel", str(built_guests["hello"]), "--memory", "32M",
+                "--vsock", f"cid=3,uds={tmp_path}/taken")
+    assert r.returncode == 1 and "already exists" in r.stderr, r.stderr
+    assert (tmp_path / "taken").read_text() == ""
 
 
 @pytest.mark.kvm

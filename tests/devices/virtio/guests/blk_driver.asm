@@ -51,9 +51,21 @@ ALIVE   equ 0x600DF00D
 TIMEOUT equ 0xDEAD0001
 SPINS   equ 400000
 
+; Reporting: `out dx, eax` with DX = REPORT (the raw-VM tests record that port), or with
+; -DSERIAL (the jailed runs through `isovisor run`, which has no report port) each value
+; as 8 hex digits and a newline on COM1; the end of the run then resets the machine
+; (i8042) so `isovisor run` exits. Every register and flag survives a report.
+%macro REPORT_EAX 0
+%ifdef SERIAL
+    call serial_report
+%else
+    out dx, eax
+%endif
+%endmacro
+
 %macro SEND 1
     mov eax, %1
-    out dx, eax
+    REPORT_EAX
 %endmacro
 
 start:
@@ -119,7 +131,7 @@ start:
     mov eax, ecx
     shl eax, 4
     movzx eax, byte [STATUS + eax]
-    out dx, eax
+    REPORT_EAX
     SEND [USED + 8 + ecx * 8]
     inc ecx
     cmp ecx, 4
@@ -131,7 +143,7 @@ start:
     je .same
     mov eax, 256
     sub eax, ecx                            ; index of the first difference + 1
-    out dx, eax
+    REPORT_EAX
     jmp .serial
 .same:
     SEND 0
@@ -235,6 +247,10 @@ use_rng:
     ret
 
 halt:
+%ifdef SERIAL
+    mov al, 0xFE                            ; i8042: pulse reset, the run ends
+    out 0x64, al
+%endif
     hlt
     jmp halt
 
@@ -287,3 +303,27 @@ hdr_in:     dd 0, 0
             dq 1                             ; VIRTIO_BLK_T_IN, sector 1
 hdr_id:     dd 8, 0
             dq 0                             ; VIRTIO_BLK_T_GET_ID
+
+%ifdef SERIAL
+; serial_report: EAX as 8 lowercase hex digits and LF on COM1, nothing else changed.
+serial_report:
+    pushfd
+    pushad
+    mov ebx, eax
+    mov ecx, 8
+    mov dx, 0x3F8
+.digit:
+    rol ebx, 4
+    mov eax, ebx
+    and eax, 0x0F
+    mov al, [hex_digits + eax]
+    out dx, al
+    dec ecx
+    jnz .digit
+    mov al, 10
+    out dx, al
+    popad
+    popfd
+    ret
+hex_digits: db "0123456789abcdef"
+%endif

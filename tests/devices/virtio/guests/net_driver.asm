@@ -52,9 +52,21 @@ SPINS   equ 5000000         ; bounded waits: seconds of emulated instructions
 ; Driver features: MAC (5), MRG_RXBUF (15), STATUS (16); VERSION_1 in the high word.
 FEATURES equ (1 << 5) | (1 << 15) | (1 << 16)
 
+; Reporting: `out dx, eax` with DX = REPORT (the raw-VM tests record that port), or with
+; -DSERIAL (the jailed runs through `isovisor run`, which has no report port) each value
+; as 8 hex digits and a newline on COM1; the end of the run then resets the machine
+; (i8042) so `isovisor run` exits. Every register and flag survives a report.
+%macro REPORT_EAX 0
+%ifdef SERIAL
+    call serial_report
+%else
+    out dx, eax
+%endif
+%endmacro
+
 %macro SEND 1
     mov eax, %1
-    out dx, eax
+    REPORT_EAX
 %endmacro
 
 ; SETUP_QUEUE base, index, desc, avail, used
@@ -83,6 +95,9 @@ FEATURES equ (1 << 5) | (1 << 15) | (1 << 16)
 %endmacro
 
 start:
+%ifdef SERIAL
+    mov esp, 0x1FF000                       ; serial_report is called: it needs a stack
+%endif
     mov dx, REPORT
     mov esi, NET
     SEND [esi + 0x000]
@@ -105,7 +120,7 @@ start:
     mov ax, [esi + 0x104]
     mov [TXBUF + 12 + 10], ax
     movzx eax, word [esi + 0x106]
-    out dx, eax
+    REPORT_EAX
     SETUP_QUEUE esi, 0, RXDESC, RXAVAIL, RXUSED
     SETUP_QUEUE esi, 1, TXDESC, TXAVAIL, TXUSED
     mov dword [esi + 0x070], 0x0F           ; DRIVER_OK
@@ -148,9 +163,9 @@ start:
     WAIT_WORD RXUSED + 2, 1
     SEND [RXUSED + 8]                       ; used len: header + frame
     movzx eax, word [RXBUF + 10]            ; num_buffers
-    out dx, eax
+    REPORT_EAX
     movzx eax, word [RXBUF + 12 + 12]       ; ethertype, as stored
-    out dx, eax
+    REPORT_EAX
     mov edi, RXBUF + 12 + 14
     mov ebp, pong
     mov ecx, pong_len
@@ -165,7 +180,7 @@ start:
     jnz .cmp
     mov eax, 1
 .cmp_done:
-    out dx, eax
+    REPORT_EAX
     mov ebx, [esi + 0x060]                  ; InterruptStatus
     SEND ebx
     mov [esi + 0x064], ebx                  ; InterruptACK
@@ -223,6 +238,10 @@ start:
 %endif
     SEND ALIVE
 halt:
+%ifdef SERIAL
+    mov al, 0xFE                            ; i8042: pulse reset, the run ends
+    out 0x64, al
+%endif
     hlt
     jmp halt
 timeout:
@@ -233,3 +252,27 @@ ping: db "isovisor-ping"
 ping_len equ $ - ping
 pong: db "isovisor-pong"
 pong_len equ $ - pong
+
+%ifdef SERIAL
+; serial_report: EAX as 8 lowercase hex digits and LF on COM1, nothing else changed.
+serial_report:
+    pushfd
+    pushad
+    mov ebx, eax
+    mov ecx, 8
+    mov dx, 0x3F8
+.digit:
+    rol ebx, 4
+    mov eax, ebx
+    and eax, 0x0F
+    mov al, [hex_digits + eax]
+    out dx, al
+    dec ecx
+    jnz .digit
+    mov al, 10
+    out dx, al
+    popad
+    popfd
+    ret
+hex_digits: db "0123456789abcdef"
+%endif

@@ -49,9 +49,21 @@ ALIVE   equ 0x600DF00D
 TIMEOUT equ 0xDEAD0001
 SPINS   equ 2000000         ; bounded waits: several seconds of emulated instructions
 
+; Reporting: `out dx, eax` with DX = REPORT (the raw-VM tests record that port), or with
+; -DSERIAL (the jailed runs through `isovisor run`, which has no report port) each value
+; as 8 hex digits and a newline on COM1; the end of the run then resets the machine
+; (i8042) so `isovisor run` exits. Every register and flag survives a report.
+%macro REPORT_EAX 0
+%ifdef SERIAL
+    call serial_report
+%else
+    out dx, eax
+%endif
+%endmacro
+
 %macro SEND 1
     mov eax, %1
-    out dx, eax
+    REPORT_EAX
 %endmacro
 
 ; WAIT addr, value: spin until the u16 at addr equals value, or report TIMEOUT and stop
@@ -94,6 +106,9 @@ SPINS   equ 2000000         ; bounded waits: several seconds of emulated instruc
 %endmacro
 
 start:
+%ifdef SERIAL
+    mov esp, 0x1FF000                       ; serial_report is called: it needs a stack
+%endif
     mov dx, REPORT
     mov esi, MMIO
     SEND [esi + 0x008]                      ; DeviceID: 19
@@ -169,6 +184,10 @@ start:
 timeout:
     SEND TIMEOUT
 halt:
+%ifdef SERIAL
+    mov al, 0xFE                            ; i8042: pulse reset, the run ends
+    out 0x64, al
+%endif
     hlt
     jmp halt
 
@@ -190,3 +209,27 @@ shut:   dq 0, 2
         dd 1024, PORT, 0
         dw 1, 4                             ; STREAM, SHUTDOWN
         dd 3, 4096, 4                       ; RCV | SEND; we consumed "pong"
+
+%ifdef SERIAL
+; serial_report: EAX as 8 lowercase hex digits and LF on COM1, nothing else changed.
+serial_report:
+    pushfd
+    pushad
+    mov ebx, eax
+    mov ecx, 8
+    mov dx, 0x3F8
+.digit:
+    rol ebx, 4
+    mov eax, ebx
+    and eax, 0x0F
+    mov al, [hex_digits + eax]
+    out dx, al
+    dec ecx
+    jnz .digit
+    mov al, 10
+    out dx, al
+    popad
+    popfd
+    ret
+hex_digits: db "0123456789abcdef"
+%endif
