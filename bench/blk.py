@@ -203,8 +203,9 @@ def loop_seconds(out: bytes, chunks: list[tuple[int, float]]) -> float | None:
 
 
 def measure(vmm: str, mode: str, rounds: int, elf: Path, image: Path, timeout: float,
-            qemu: str) -> Run:
-    cmd = vmm_command(vmm, elf, image, f"mode={mode} rounds={rounds}", timeout, qemu)
+            qemu: str, wait: str = "hlt") -> Run:
+    cmdline = f"mode={mode} rounds={rounds} wait={wait}"
+    cmd = vmm_command(vmm, elf, image, cmdline, timeout, qemu)
     out, chunks, rc, stderr = timed_output(cmd, timeout + 10)
     text = out.decode(errors="replace")
 
@@ -305,7 +306,8 @@ def markdown_block(results: dict[tuple[str, str], list[Run]], facts: dict[str, s
                      f"{TARGET_RATIO:.1f}x target).")
     lines += ["", "Host:", ""] + [f"- {k}: {v}" for k, v in facts.items()]
     lines += ["", f"Command: `.venv/bin/python bench/blk.py --runs {args.runs} --seq-rounds "
-              f"{args.seq_rounds} --rand-rounds {args.rand_rounds}`.", END_MARK]
+              f"{args.seq_rounds} --rand-rounds {args.rand_rounds} --wait {args.wait}`.",
+              END_MARK]
     return "\n".join(lines)
 
 
@@ -342,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rand-rounds", type=_positive, default=150,
                    help="rounds of 64 x 4 KiB reads per rand run (150 = 9600 reads)")
     p.add_argument("--mode", choices=["seq", "rand", "both"], default="both")
+    p.add_argument("--wait", choices=["hlt", "poll"], default="hlt",
+                   help="how the guest's vCPU waits for a round: hlt (default; the local "
+                   "APIC timer wakes it every 50 us) or poll (spins, taking a host core)")
     p.add_argument("--qemu", default=QEMU)
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per VMM run")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
@@ -358,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for mode in modes:
                     rounds = args.seq_rounds if mode == "seq" else args.rand_rounds
                     for vmm in VMMS if i % 2 == 0 else VMMS[::-1]:
-                        run = measure(vmm, mode, rounds, elf, image, args.timeout, args.qemu)
+                        run = measure(vmm, mode, rounds, elf, image, args.timeout, args.qemu,
+                                      args.wait)
                         results.setdefault((vmm, mode), []).append(run)
                         print(f"run {i + 1}: {vmm:8} {mode:4} {run.seconds:7.3f} s  "
                               f"{run.value:12,.1f} {MODES[mode][0]}", flush=True)

@@ -12,6 +12,10 @@
 ;   mode=seq|rand   seq: 64 KiB reads walking the disk from sector 0 (wrapping);
 ;                   rand: 4 KiB reads at pseudo-random 4 KiB-aligned offsets (default seq)
 ;   rounds=<n>      rounds to time (default 100); every round is DEPTH requests
+;   wait=poll|hlt   how the vCPU waits for a round to complete: poll spins on used.idx
+;                   (default); hlt sleeps until the local APIC timer (periodic, every
+;                   TICK_NS) wakes it to look again, which leaves the host CPU to the
+;                   VMM's I/O thread: on a 2-core host a spinning vCPU takes half of it
 ; Output on COM1, lines ending CR LF:
 ;   blkbench: device=0xd0000000 capacity=131072 mode=seq rounds=100 depth=64 size=65536
 ;   blkbench: start
@@ -63,6 +67,15 @@ DATA        equ 0x1000000           ; DEPTH data buffers of `size` bytes
 SEQ_SIZE    equ 65536
 RAND_SIZE   equ 4096
 DEFAULT_ROUNDS equ 100
+LAPIC       equ 0xFEE00000          ; the same in both VMMs (KVM's in-kernel local APIC)
+LAPIC_EOI   equ 0x0B0
+LAPIC_SVR   equ 0x0F0
+LAPIC_LVT_TIMER equ 0x320
+LAPIC_TIMER_INIT equ 0x380
+LAPIC_TIMER_DIV equ 0x3E0
+TIMER_VECTOR equ 0x30
+SPURIOUS_VECTOR equ 0x31
+TICK_NS     equ 50000               ; KVM's APIC timer counts 1 ns per tick at divide 1
 
 ; ---------------------------------------------------------------------------
 section .note.Xen note alloc noexec nowrite align=4
@@ -86,9 +99,15 @@ gdt_desc:
 empty_idt_desc:
     dw 0
     dd 0
+idt_desc:                           ; vectors 0..0x31; only the two below are present:
+    dw (SPURIOUS_VECTOR + 1) * 8 - 1 ; any exception is still a triple fault (a reset)
+    dd idt
 
 key_mode:   db "mode=", 0
 key_rounds: db "rounds=", 0
+key_wait:   db "wait=", 0
+val_poll:   db "poll", 0
+val_hlt:    db "hlt", 0
 val_seq:    db "seq", 0
 val_rand:   db "rand", 0
 msg_prefix: db "blkbench: ", 0
@@ -105,6 +124,7 @@ msg_bad:    db "bad", 0
 err_magic:  db "error bad hvm_start_info magic", 0
 err_mode:   db "error mode must be seq or rand", 0
 err_num:    db "error bad number in rounds=", 0
+err_wait:   db "error wait must be poll or hlt", 0
 err_nodev:  db "error no virtio-blk device found", 0
 err_feat:   db "error FEATURES_OK refused", 0
 err_qmax:   db "error QueueNumMax below 256", 0
@@ -123,6 +143,9 @@ capacity:   resd 1                  ; sectors (low 32 bits)
 size:       resd 1                  ; bytes per request
 nrounds:    resd 1                  ; distinct rounds prepared
 seed:       resd 1
+hlt_mode:   resd 1
+alignb 8
+idt:        resq SPURIOUS_VECTOR + 1
 
 ; ---------------------------------------------------------------------------
 section .text
@@ -143,6 +166,7 @@ pvh_entry:
     lidt [empty_idt_desc]
 
     mov dword [rand_mode], 0
+    mov dword [hlt_mode], 0
     mov dword [rounds], DEFAULT_ROUNDS
     test ebx, ebx
     jz .bad_magic
@@ -169,10 +193,22 @@ pvh_entry:
     mov esi, key_rounds
     call find_key
     test esi, esi
-    jz .parsed
+    jz .rounds_done
     call parse_number
     jc .bad_number
     mov [rounds], eax
+.rounds_done:
+    mov esi, key_wait
+    call find_key
+    test esi, esi
+    jz .parsed
+    mov edi, val_poll
+    call token_equals
+    jnc .parsed
+    mov edi, val_hlt
+    call token_equals
+    jc .bad_wait
+    mov dword [hlt_mode], 1
 .parsed:
     call find_device
     test eax, eax
@@ -216,6 +252,10 @@ pvh_entry:
     call put_dec
     call newline
 
+    cmp dword [hlt_mode], 0
+    je .no_timer
+    call start_timer
+.no_timer:
     mov ebp, [rounds]               ; rounds left
     xor ebx, ebx                    ; header image offset of this round
     mov esi, msg_prefix
@@ -238,7 +278,14 @@ align 16
     mov dword [edx + 0x050], 0      ; QueueNotify
 .poll:
     cmp [USED + 2], ax
-    jne .poll
+    je .round_done
+    cmp dword [hlt_mode], 0
+    je .poll
+    sti                             ; the interrupt shadow keeps the tick until after hlt
+    hlt                             ; the handler resumes at .poll
+    cli
+    jmp .poll
+.round_done:
     add ebx, DEPTH * 16
     cmp ebx, [nrounds]
     jb .next
@@ -247,6 +294,7 @@ align 16
     dec ebp
     jnz .round
 .timed_done:
+    mov dword [LAPIC + LAPIC_LVT_TIMER], 0x10000    ; mask the timer again
     mov esi, msg_prefix
     call puts
     mov esi, msg_done
@@ -272,6 +320,9 @@ align 16
 .bad_number:
     mov esi, err_num
     jmp .error
+.bad_wait:
+    mov esi, err_wait
+    jmp .error
 .no_device:
     mov esi, err_nodev
 .error:
@@ -290,6 +341,43 @@ reset:
 .stuck:
     hlt
     jmp .stuck
+
+; start_timer: IDT entries for the timer and spurious vectors, then the local APIC
+; enabled with a periodic timer every TICK_NS. Interrupts stay off (IF = 0) except
+; across the `sti; hlt` of the wait.
+start_timer:
+    mov eax, timer_isr
+    mov edi, idt + TIMER_VECTOR * 8
+    call set_gate
+    mov eax, spurious_isr
+    mov edi, idt + SPURIOUS_VECTOR * 8
+    call set_gate
+    lidt [idt_desc]
+    mov dword [LAPIC + LAPIC_SVR], 0x100 | SPURIOUS_VECTOR
+    mov dword [LAPIC + LAPIC_TIMER_DIV], 0x0B               ; divide by 1
+    mov dword [LAPIC + LAPIC_LVT_TIMER], (1 << 17) | TIMER_VECTOR   ; periodic
+    mov dword [LAPIC + LAPIC_TIMER_INIT], TICK_NS
+    ret
+
+; set_gate: EAX = handler, EDI = IDT entry: a 32-bit interrupt gate in the code segment.
+set_gate:
+    mov word [edi + 0], ax
+    mov word [edi + 2], 0x08
+    mov word [edi + 4], 0x8E00
+    shr eax, 16
+    mov word [edi + 6], ax
+    ret
+
+; The handlers never return with iret: KVM's instruction emulator, which runs this
+; kernel-mode code on a PVM host, executes iret only in real mode. An interrupt can only
+; arrive in the `sti; hlt` of the wait (IF is clear everywhere else), so each handler
+; drops its frame (EIP, CS, EFLAGS: IF stays clear, as after the `cli`) and goes back to
+; polling.
+timer_isr:
+    mov dword [LAPIC + LAPIC_EOI], 0
+spurious_isr:                       ; (no EOI for a spurious interrupt)
+    add esp, 12
+    jmp pvh_entry.poll
 
 ; find_device: EAX = base of the first virtio-blk window found, or 0.
 find_device:
