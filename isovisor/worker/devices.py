@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from isovisor.worker.config import WorkerConfig
 
 MAX_TEXT = 4096  # a path or name in the config (paths are at most PATH_MAX anyway)
+MAX_RATE = float(1 << 62)  # tokens per second; also keeps a JSON integer convertible
 
 # --- the config's device descriptions ----------------------------------------------------
 
@@ -113,7 +114,7 @@ class _Reader:
         r = _Reader(f"{self.what}.{key}", v, ("capacity", "rate", "burst"))
         rate = v["rate"]
         if not isinstance(rate, int | float) or isinstance(rate, bool) or not (
-            math.isfinite(rate) and rate > 0
+            0 < rate < MAX_RATE and math.isfinite(rate)
         ):
             raise ProtocolError(f"worker config: {self.what}.{key}.rate is not a positive rate")
         try:
