@@ -24,18 +24,17 @@ from isovisor.devices.virtio import constants as c
 from isovisor.devices.virtio.blk import F_BLK_SIZE, F_FLUSH
 from isovisor.devices.virtio.net_header import F_MAC, F_MRG_RXBUF, F_STATUS
 from isovisor.vmm.stop import StopReason
-from isovisor.worker.pvh_image import pvh_elf
 from tests.conftest import NO_KVM_REASON, REPO, kvm_usable
 from tests.devices.virtio.blk_helpers import make_image, sector_bytes
 from tests.devices.virtio.net_helpers import MAC, TapPeer
 from tests.devices.virtio.netns import NetNs, eth_frame
+from tests.devices.virtio.serial_guests import build_serial_guest as build
+from tests.devices.virtio.serial_guests import reported
 from tests.devices.virtio.test_vsock_guest import PongServer
 
 pytestmark = pytest.mark.kvm
 
-GUESTS = Path(__file__).parent / "guests"
 ALIVE = 0x600DF00D
-LIVE = 0x4C495645
 TAP = "isvtap0"
 HOST_MAC = bytes.fromhex("02000000fe01")
 
@@ -49,18 +48,6 @@ def _jail_possible() -> None:
         pytest.skip("LOUD SKIP: the worker jail needs root (cgroups, uid switch)")
 
 
-def build(tmp_path: Path, driver: str, *defines: str) -> Path:
-    """The driver as a PVH kernel reporting on COM1."""
-    if shutil.which("nasm") is None:
-        pytest.fail("nasm is missing: run `make setup` (the Makefile installs it)")
-    flat = tmp_path / f"{driver}.bin"
-    subprocess.run(["nasm", "-f", "bin", "-DSERIAL", *(f"-D{d}" for d in defines), "-o",
-                    str(flat), str(GUESTS / f"{driver}.asm")], check=True)
-    elf = tmp_path / f"{driver}.elf"
-    elf.write_bytes(pvh_elf(flat.read_bytes()))
-    return elf
-
-
 def run_jailed(elf: Path, *options: str, prefix: tuple[str, ...] = (),
                timeout: float = 120) -> tuple[list[int], subprocess.CompletedProcess[str]]:
     """`isovisor run` (jailed: the default) on `elf`; the values the guest reported."""
@@ -71,8 +58,7 @@ def run_jailed(elf: Path, *options: str, prefix: tuple[str, ...] = (),
         stdin=subprocess.DEVNULL,
     )
     assert "--no-jail" not in r.stderr and "Traceback" not in r.stderr, r.stderr
-    values = [int(line, 16) for line in r.stdout.split() if len(line) == 8]
-    return values, r
+    return reported(r.stdout), r
 
 
 def ended_cleanly(r: subprocess.CompletedProcess[str], values: list[int]) -> None:
