@@ -95,6 +95,7 @@ def wrap(name: str, fn: Callable[[bytes], None], stats: Stats) -> Callable[[byte
             path = save_finding(name, bytes(data))
             stats.doc["crashes"] = int(stats.doc["crashes"]) + 1  # type: ignore[call-overload]
             stats.doc["finding"] = str(path.relative_to(ROOT))
+            stats.doc["result"] = "crash"
             stats.tick(force=True)
             sys.stderr.write(f"fuzz {name}: finding saved to {path}\n")
             raise
