@@ -31,16 +31,10 @@ def _base_name(name: str) -> str:
 
 
 def _irqs_of(device: object, machine: SurfaceMachine) -> list[int]:
+    """The interrupt lines the device model holds (the builder hands each its own)."""
     lines = {id(line): irq for irq, line in machine.vm.irq_lines.items()}
-    found: set[int] = set()
-    owners = [device, getattr(device, "__self__", None), getattr(device, "owner", None)]
-    for owner in owners:
-        if owner is None:
-            continue
-        for value in vars(owner).values() if hasattr(owner, "__dict__") else ():
-            if id(value) in lines:
-                found.add(lines[id(value)])
-    return sorted(found)
+    held = vars(device).values() if hasattr(device, "__dict__") else ()
+    return sorted({lines[id(v)] for v in held if id(v) in lines})
 
 
 def pio_entries(machine: SurfaceMachine) -> list[Entry]:
