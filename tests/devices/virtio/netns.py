@@ -109,14 +109,23 @@ class NetNs:
     def argv(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 
+    def nsenter_argv(self, *argv: str) -> list[str]:
+        """Like argv(), but switching only the network namespace: `ip netns exec` also
+        remounts /sys, which hides the cgroup hierarchies the jailed worker needs."""
+        return ["nsenter", f"--net=/run/netns/{self.name}", "--", *argv]
+
     def run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*argv), capture_output=True, text=True, check=True,
                               timeout=timeout)
 
-    def popen(self, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        """Start a process in the namespace; it is killed (by pid) at close()."""
+    def popen(
+        self, argv: list[str], *, net_only: bool = False, **kwargs: object
+    ) -> subprocess.Popen[bytes]:
+        """Start a process in the namespace (`net_only`: see nsenter_argv); it is killed
+        (by pid) at close()."""
+        full = self.nsenter_argv(*argv) if net_only else self.argv(*argv)
         proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-            self.argv(*argv), start_new_session=True, **kwargs
+            full, start_new_session=True, **kwargs
         )
         self._procs.append(proc)
         return proc
