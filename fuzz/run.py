@@ -169,6 +169,8 @@ def fuzz(name: str, runs: int | None, seconds: float | None, mode: str) -> int:
     artifacts.mkdir(parents=True, exist_ok=True)
     args = [sys.argv[0], str(scratch), str(CORPUS / name), f"-artifact_prefix={artifacts}/",
             "-rss_limit_mb=4096", "-timeout=30", "-print_final_stats=1"]
+    if mode == "ci":
+        args.append("-seed=1")  # CI is reproducible; `make fuzz` explores
     if runs is not None:
         args.append(f"-runs={runs}")
     if seconds is not None:

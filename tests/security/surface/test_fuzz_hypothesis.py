@@ -32,7 +32,7 @@ def test_harness_under_hypothesis(name: str) -> None:
     module = _harness(name)
     seeds = sorted((ROOT / CORPUS_DIR / name).iterdir())[:3]
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(st.binary(max_size=4096))
     def run(data: bytes) -> None:
