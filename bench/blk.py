@@ -231,7 +231,7 @@ def measure(vmm: str, mode: str, rounds: int, elf: Path, image: Path, timeout: f
 
 
 def host_facts(qemu: str) -> dict[str, str]:
-    cpu, flags = "unknown", set()
+    cpu, flags = "unknown", set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -297,8 +297,8 @@ def markdown_block(results: dict[tuple[str, str], list[Run]], facts: dict[str, s
             if not runs:
                 continue
             med, lo, hi = summarize(runs)
-            r = "1.00x" if vmm == "qemu" else (f"{ratios[mode]:.2f}x" if mode in ratios else "-")
-            lines.append(f"| {mode} | {vmm} | {med:,.1f} | {lo:,.1f} | {hi:,.1f} | {unit} | {r} |")
+            vs = "1.00x" if vmm == "qemu" else (f"{ratios[mode]:.2f}x" if mode in ratios else "-")
+            lines.append(f"| {mode} | {vmm} | {med:,.1f} | {lo:,.1f} | {hi:,.1f} | {unit} | {vs} |")
     lines.append("")
     for mode, r in ratios.items():
         verdict = "meets" if r >= TARGET_RATIO else "below"
