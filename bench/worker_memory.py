@@ -131,7 +131,10 @@ def render(rows: list[dict[str, float]], zygote: dict[str, int], first_ms: float
         "target (Firecracker's published bar).",
         f"- Zygote (shared by all workers): RSS {mib(zygote['Rss'])} MiB, PSS "
         f"{mib(zygote['Pss'])} MiB; started once in {prepare_ms:.0f} ms (imports, "
-        f"seccomp compilation); the first launch including it took {first_ms:.0f} ms.",
+        "seccomp compilation, one throwaway VM built and closed: isovisor/worker/warmup.py); "
+        f"the first launch including it took {first_ms:.0f} ms.",
+        "- What the overhead is made of, and what reduced it: docs/WORKER.md, "
+        "\"Measurements\".",
         f"- Memory cgroup limit per VM: guest RAM + {MEMORY_OVERHEAD // MiB} MiB.",
         "",
         "Host:",
