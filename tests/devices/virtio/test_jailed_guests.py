@@ -48,12 +48,14 @@ def _jail_possible() -> None:
         pytest.skip("LOUD SKIP: the worker jail needs root (cgroups, uid switch)")
 
 
-def run_jailed(elf: Path, *options: str, prefix: tuple[str, ...] = (),
+def run_jailed(elf: Path, *options: str, netns: NetNs | None = None,
                timeout: float = 120) -> tuple[list[int], subprocess.CompletedProcess[str]]:
-    """`isovisor run` (jailed: the default) on `elf`; the values the guest reported."""
+    """`isovisor run` (jailed: the default) on `elf`, in `netns` if given; the values the
+    guest reported."""
+    argv = [sys.executable, "-m", "isovisor.cli.main", "run", "--kernel", str(elf),
+            "--memory", "32M", "--timeout", str(timeout), *options]
     r = subprocess.run(
-        [*prefix, sys.executable, "-m", "isovisor.cli.main", "run", "--kernel", str(elf),
-         "--memory", "32M", "--timeout", str(timeout), *options],
+        netns.nsenter_argv(*argv) if netns is not None else argv,
         cwd=REPO, capture_output=True, text=True, timeout=timeout + 60,
         stdin=subprocess.DEVNULL,
     )
@@ -141,8 +143,7 @@ def test_net_guest_round_trip_through_a_tap_in_a_jailed_worker(
     responder.start()
     try:
         vals, r = run_jailed(build(tmp_path, "net_driver"), "--net",
-                             f"tap={TAP},mac={MAC.hex(':')}",
-                             prefix=("nsenter", f"--net=/run/netns/{netns.name}", "--"))
+                             f"tap={TAP},mac={MAC.hex(':')}", netns=netns)
     finally:
         peer.close()
     ended_cleanly(r, vals)

@@ -43,9 +43,9 @@ def test_cli_jailed_run_takes_a_tap(kvm: Kvm, built_guests: dict[str, Path]) -> 
     require_root()
     with NetNs() as ns:
         ns.add_tap("isvtap0")
-        enter = ("nsenter", f"--net=/run/netns/{ns.name}", "--", sys.executable, "-m",
-                 "isovisor.cli.main", "run", "--kernel", str(built_guests["hello"]),
-                 "--memory", "32M", "--serial", "none", "--timeout", "30")
+        enter = ns.nsenter_argv(sys.executable, "-m", "isovisor.cli.main", "run", "--kernel",
+                                str(built_guests["hello"]), "--memory", "32M", "--serial",
+                                "none", "--timeout", "30")
         r = subprocess.run([*enter, "--net", "tap=isvtap0"], cwd=REPO, capture_output=True,
                            text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert r.returncode == 0 and "guest reset" in r.stderr, r.stderr
