@@ -3,11 +3,13 @@ gets a DHCP lease through our device, and through QEMU microvm's, from a dnsmasq
 other end of a TAP.
 
 Each VMM gets a network namespace of its own holding the TAP (addressed 10.201.0.1/24)
-and a DHCP-only dnsmasq bound to it; the VMM runs inside that namespace (`ip netns exec`),
-so the guest can reach nothing else. The kernel configures eth0 with `ip=dhcp`, then finds
-no root disk ("VFS: Unable to mount root fs"), panics and, with panic=-1, resets: both
-VMMs exit 0. Kernel-mode code is interpreted on this host (a minute or more per boot), so
-both boots start together, as two processes, when the module's first test asks for them.
+and a DHCP-only dnsmasq bound to it; the VMM runs inside that namespace, so the guest can
+reach nothing else. isovisor runs as `isovisor run` does by default, in its jailed worker
+(nsenter switches only the network namespace: the jail needs the host's /sys). The kernel
+configures eth0 with `ip=dhcp`, then finds no root disk ("VFS: Unable to mount root fs"),
+panics and, with panic=-1, resets: both VMMs exit 0. Kernel-mode code is interpreted on
+this host (minutes per boot), so both boots start together, as two processes, when the
+module's first test asks for them.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class BootResult:
 def vmm_argv(vmm: str) -> list[str]:
     if vmm == "isovisor":
         return [
-            sys.executable, "-m", "isovisor.cli.main", "run", "--no-jail",
+            sys.executable, "-m", "isovisor.cli.main", "run",
             "--kernel", str(TEST_KERNEL), "--net", f"tap={TAP}", "--memory", "256M",
             "--cmdline", CMDLINE, "--serial", "stdio", "--timeout", str(GUEST_TIMEOUT_S),
         ]
@@ -102,8 +104,9 @@ def start_boot(vmm: str, directory: Path) -> Boot:
         ns.start_dnsmasq(TAP, FIRST, LAST, log)
         out, err = directory / f"{vmm}.out", directory / f"{vmm}.err"
         with out.open("wb") as o, err.open("wb") as e:
-            proc = ns.popen(vmm_argv(vmm), cwd=REPO, stdin=subprocess.DEVNULL, stdout=o,
-                            stderr=e, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = ns.popen(vmm_argv(vmm), net_only=vmm == "isovisor", cwd=REPO,
+                            stdin=subprocess.DEVNULL, stdout=o, stderr=e,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     except BaseException:
         ns.close()
         raise
