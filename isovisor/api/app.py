@@ -36,7 +36,8 @@ class Api:
 
 def create_app(service: HostService, revocations: RevocationList | None) -> Api:
     app = FastAPI(title="isovisor", version=__version__, description=DESCRIPTION,
-                  docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH)
+                  docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH,
+                  redirect_slashes=False)  # a trailing slash is a 404, not a redirect (F-001)
     app.state.service = service
     errors.install(app)
     for module in (tenants, vms, images, access, host, audit):

@@ -7,6 +7,7 @@ so a check-then-insert (quotas, idempotency keys) cannot interleave with another
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -140,6 +141,10 @@ class Database:
 
     def migrate(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Tenants, principals and role assignments are for the daemon's eyes only; SQLite
+        # gives its -wal and -shm files the database file's mode (finding F-002).
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+        os.chmod(self.path, 0o600)
         with self.write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):

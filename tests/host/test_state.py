@@ -123,3 +123,18 @@ def test_migration_from_version_1_keeps_vms(tmp_path: Path) -> None:
     assert db.schema_version == len(MIGRATIONS) >= 2
     vm = VmStore(db).get("a", "v")
     assert vm.disks == () and vm.rng is False
+
+
+def test_state_database_is_private_to_the_daemon(tmp_path: Path) -> None:
+    """Finding F-002: tenants, principals and roles are not readable by local users."""
+    import stat
+
+    from isovisor.host.db import Database
+
+    db = Database(tmp_path / "isovisord.sqlite3")
+    with db.write() as conn:
+        conn.execute("PRAGMA user_version")
+    for name in ("isovisord.sqlite3", "isovisord.sqlite3-wal", "isovisord.sqlite3-shm"):
+        path = tmp_path / name
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
