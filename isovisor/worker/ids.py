@@ -85,12 +85,17 @@ class IdAllocator:
 
     def _stale(self, path: Path) -> bool:
         try:
-            pid_text, _, start = path.read_text().strip().partition(" ")
+            raw = path.read_bytes()
         except FileNotFoundError:
             return True
         except OSError:
             return False
-        if not pid_text.isdigit():
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return True  # not a lease this code wrote (finding F-003): stale
+        pid_text, _, start = text.strip().partition(" ")
+        if not (pid_text.isascii() and pid_text.isdigit()):
             return True
         return _start_time(int(pid_text)) != start
 
