@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from results_block import write_block
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -142,15 +144,7 @@ def burst(config: ClientConfig, n: int) -> tuple[float, float]:
 
 
 def write_results(block: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# isovisor benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN_MARK) + r".*?" + re.escape(END_MARK), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(RESULTS)
+    write_block(BEGIN_MARK, END_MARK, block, RESULTS)
 
 
 def main(argv: list[str] | None = None) -> int:

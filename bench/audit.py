@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from results_block import write_block
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -311,15 +311,7 @@ def _fsync_cost() -> float:
 
 
 def write_results(block: str, path: Path = RESULTS) -> None:
-    text = path.read_text() if path.exists() else "# isovisor benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN_MARK) + r".*?" + re.escape(END_MARK), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.audit.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_block(BEGIN_MARK, END_MARK, block, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
