@@ -96,6 +96,29 @@ MIGRATIONS: list[str] = [
     ALTER TABLE vms ADD COLUMN disks TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE vms ADD COLUMN rng INTEGER NOT NULL DEFAULT 0
     """,
+    # 3: tenant virtual networks and VM NICs on them (isovisor.host.network). `id` names
+    # the host objects: bridge isvb-ID and nft table isovisor-net-ID; TAP isvt-ID and nft
+    # table isovisor-nic-ID for a NIC.
+    """
+    CREATE TABLE networks (
+        tenant TEXT NOT NULL REFERENCES tenants(name),
+        name TEXT NOT NULL,
+        id TEXT NOT NULL UNIQUE,
+        cidr TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (tenant, name)
+    );
+    CREATE TABLE nics (
+        id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        slot INTEGER NOT NULL,
+        network_id TEXT NOT NULL REFERENCES networks(id),
+        mac TEXT NOT NULL UNIQUE,
+        ip TEXT NOT NULL,
+        UNIQUE (vm_id, slot),
+        UNIQUE (network_id, ip)
+    )
+    """,
 ]
 
 
