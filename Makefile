@@ -8,9 +8,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the project needs: assembler for test guests, QEMU as the conformance
 # reference and benchmark peer, acpica for ACPI table checks, swtpm for the TPM,
 # busybox-static for initramfs, lz4 for extracting the stock kernel, e2fsprogs for the
-# ext4 image the test kernel mounts from virtio-blk.
+# ext4 image the test kernel mounts from virtio-blk; libtss2-dev (+ pkg-config, gcc) to
+# build tpm2-pytss, which has no wheels, and the TCTIs it loads (swtpm, host /dev/tpmrm0).
 APT_PACKAGES := nasm qemu-system-x86 acpica-tools swtpm swtpm-tools busybox-static lz4 \
-                python3-venv libseccomp2 e2fsprogs dnsmasq-base
+                python3-venv libseccomp2 e2fsprogs dnsmasq-base \
+                libtss2-dev libtss2-tctildr0 libtss2-tcti-swtpm0 libtss2-tcti-device0 pkg-config gcc
 
 GUEST_SRCS := $(wildcard guests/*.asm)
 GUEST_ELFS := $(patsubst guests/%.asm,guests/build/%.elf,$(GUEST_SRCS))
@@ -39,7 +41,7 @@ system-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
