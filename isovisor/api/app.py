@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from isovisor import __version__
 from isovisor.api import errors
-from isovisor.api.pipeline import RequestObserver, RequestPipeline
+from isovisor.api.pipeline import RequestGuard, RequestObserver, RequestPipeline
 from isovisor.api.routes import access, audit, host, images, tenants, vms
 from isovisor.host.service import HostService
 from isovisor.security.pki import RevocationList
@@ -26,9 +26,14 @@ class Api:
     fastapi: FastAPI
     asgi: RequestPipeline
     observers: list[RequestObserver] = field(default_factory=list)
+    guards: list[RequestGuard] = field(default_factory=list)
 
     def add_request_observer(self, observer: RequestObserver) -> None:
         self.observers.append(observer)
+
+    def add_request_guard(self, guard: RequestGuard) -> None:
+        """Runs before each request; raising refuses it with 503 (the audit pre-check)."""
+        self.guards.append(guard)
 
     def openapi(self) -> dict[str, Any]:
         return self.fastapi.openapi()
@@ -43,6 +48,7 @@ def create_app(service: HostService, revocations: RevocationList | None) -> Api:
     for module in (tenants, vms, images, access, host, audit):
         app.include_router(module.router)
     observers: list[RequestObserver] = []
+    guards: list[RequestGuard] = []
     pipeline = RequestPipeline(app, service.access, revocations, observers,
-                               public_paths=frozenset({OPENAPI_PATH}))
-    return Api(app, pipeline, observers)
+                               public_paths=frozenset({OPENAPI_PATH}), guards=guards)
+    return Api(app, pipeline, observers, guards)

@@ -12,6 +12,12 @@
    (the action is then not acknowledged as a success).
 5. Fail closed: a route that answers 2xx/3xx without having called `authorize` (or
    `authenticated_only`) is a bug; the pipeline replaces its answer with a 500.
+6. Before any of that (before authentication, the body and the route), every
+   `RequestGuard` sees a `RequestStart`. This is the audit log's pre-check: a guard that
+   raises refuses the request with 503 `AuditUnavailable` and the route never runs, so
+   once the log cannot record, no action happens unrecorded (the audit guard also
+   writes an intent record for every mutating request, so a log that breaks silently
+   fails on that write, before the action).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import anyio.to_thread
 from isovisor.api.tls import PEER_KEY, PeerCertificate
 from isovisor.host.access import AccessStore
 from isovisor.host.errors import (
+    AuditUnavailable,
     Forbidden,
     HostError,
     NotFound,
@@ -69,6 +76,24 @@ class RequestRecord:
 
 
 RequestObserver = Callable[[RequestRecord], None]
+
+
+@dataclass(frozen=True)
+class RequestStart:
+    """What is known of a request before it is authenticated or run (for guards)."""
+
+    request_id: str
+    time: str
+    client: str
+    principal: str | None  # the presented certificate's name, not yet checked for revocation
+    certificate_serial: str | None
+    method: str
+    path: str
+
+
+# Raises to refuse the request before it runs (answered 503 AuditUnavailable). Guards run
+# on the event loop: they must not block (the audit guard writes one line, no fsync).
+RequestGuard = Callable[[RequestStart], None]
 
 
 def hidden_error(authorizer: Authorizer, scope: Scope) -> NotFound:
@@ -170,11 +195,13 @@ class RequestPipeline:
     """ASGI middleware wrapping the FastAPI app."""
 
     def __init__(self, app: Any, access: AccessStore, revocations: RevocationList | None,
-                 observers: list[RequestObserver], public_paths: frozenset[str]) -> None:
+                 observers: list[RequestObserver], public_paths: frozenset[str],
+                 guards: list[RequestGuard] | None = None) -> None:
         self.app = app
         self.access = access
         self.revocations = revocations
         self.observers = observers
+        self.guards: list[RequestGuard] = guards if guards is not None else []
         self.public_paths = public_paths
         self._seen: set[tuple[str, int]] = set()
 
@@ -193,6 +220,11 @@ class RequestPipeline:
         scope[CONTEXT_KEY] = ctx
         if scope["path"] in self.public_paths and ctx.peer is not None:
             ctx.public = True
+        refusal = self._guard(ctx)
+        if refusal is not None:  # nothing can be recorded: answer without observers
+            await self._send_error(send, refusal.status, refusal.code, refusal.message,
+                                   ctx.request_id)
+            return
         failure = await self._authenticate(ctx)
         if failure is not None:
             await self._answer_error(ctx, send, failure)
@@ -251,6 +283,25 @@ class RequestPipeline:
             log.exception("request %s failed", ctx.request_id)
             if not started:
                 await self._answer_error(ctx, send, HostError("internal error"))
+
+    def _guard(self, ctx: RequestContext) -> HostError | None:
+        if not self.guards:
+            return None
+        start = RequestStart(
+            request_id=ctx.request_id, time=ctx.time, client=ctx.client,
+            principal=ctx.peer.name if ctx.peer else None,
+            certificate_serial=f"{ctx.peer.serial:x}" if ctx.peer else None,
+            method=ctx.method, path=ctx.path)
+        for guard in self.guards:
+            try:
+                guard(start)
+            except Exception as exc:  # any failure of a guard refuses (fail closed)
+                log.error("request %s %s %s refused before it ran: %s", ctx.request_id,
+                          ctx.method, ctx.path, exc)
+                return AuditUnavailable(
+                    f"the request was refused before it ran: the audit log cannot record "
+                    f"it ({exc})")
+        return None
 
     async def _authenticate(self, ctx: RequestContext) -> HostError | None:
         if ctx.peer is None:

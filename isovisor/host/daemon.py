@@ -92,6 +92,8 @@ class Daemon:
         revocations = self.tls.revocation_list()
         self.api: Api = create_app(self.service, revocations)
         self.add_request_observer(self.audit.record_request)
+        # Refuse (503) before the route runs once the log cannot record (fail closed).
+        self.api.add_request_guard(self.audit.before_request)
         host, port = config.host_port
         self.server = ApiServer(self.api, self.tls, revocations, host=host, port=port,
                                 on_security_event=self.audit.security_hook(on_security_event))

@@ -55,6 +55,13 @@ class PayloadTooLarge(HostError):  # noqa: N818 (named after the error code)
     code = "PayloadTooLarge"
 
 
+class AuditUnavailable(HostError):  # noqa: N818 (named after the error code)
+    """The audit log cannot record the request, so it is refused before it runs."""
+
+    status = 503
+    code = "AuditUnavailable"
+
+
 class RunnerError(HostError):
     """Launching or controlling a VM process failed."""
 

@@ -1,7 +1,11 @@
 """The audit log of a host daemon: opened beside its state, fed by the daemon's hooks.
 
-`HostAudit` owns the log and turns the daemon's three hook calls into records:
+`HostAudit` owns the log and turns the daemon's hook calls into records:
 
+- `before_request(RequestStart)`: the API pipeline's guard, before a request is
+  authenticated or run: raises (the pipeline answers 503) once the log cannot take
+  records, and writes an `api.intent` record (not waited for) for every authenticated
+  mutating request, so a log that breaks silently fails on that write, before the action;
 - `record_request(RequestRecord)`: the API pipeline calls it for every request before the
   first byte of the answer leaves; it returns only once the record is fsynced, and raises
   if it cannot record (the pipeline then answers 500: nothing is acknowledged unrecorded);
@@ -22,10 +26,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from isovisor.security.audit.errors import AuditConfigError
+from isovisor.security.audit.errors import AuditConfigError, AuditUnavailableError
 from isovisor.security.audit.keys import load_or_generate_key
 from isovisor.security.audit.log import AuditConfig, AuditLog, Forwarder
 from isovisor.security.audit.recorders import (
+    INTENT_KIND,
     REQUEST_KIND,
     SECURITY_AUTH_FAILURE,
     SECURITY_QUOTA_REFUSED,
@@ -47,6 +52,28 @@ _TOML_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, fl
                                                    "bool": bool}
 # The API server's names for security events, mapped to the audit log's.
 _KIND_ALIASES = {"authentication_failure": SECURITY_AUTH_FAILURE}
+
+
+class StartFacts(Protocol):
+    """What the API pipeline knows of a request before it runs (pipeline.RequestStart)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def time(self) -> str: ...
+    @property
+    def client(self) -> str: ...
+    @property
+    def principal(self) -> str | None: ...
+    @property
+    def certificate_serial(self) -> str | None: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class RequestFacts(Protocol):
@@ -186,6 +213,22 @@ class HostAudit:
             if self.syslog is not None:
                 self.syslog.close()
             raise
+
+    def before_request(self, start: StartFacts) -> None:
+        """The pipeline's guard: raises AuditUnavailableError when the request could not
+        be recorded, so it is refused (503) before its route runs."""
+        reason = self.log.unavailable
+        if reason is not None:
+            raise AuditUnavailableError(reason)
+        if start.method in READ_METHODS or start.principal is None:
+            return
+        # Written now, fsynced with the request's own record: costs a write, not an fsync.
+        self.log.append(INTENT_KIND, {
+            "request_id": clip(start.request_id), "time": clip(start.time),
+            "client": clip(start.client), "principal": clip(start.principal),
+            "certificate_serial": clip(start.certificate_serial),
+            "method": clip(start.method), "path": clip(start.path),
+        }, durable=False)
 
     def record_request(self, request: RequestFacts) -> None:
         """Raises AuditError when the record cannot be made durable: fail closed."""

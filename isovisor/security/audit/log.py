@@ -172,6 +172,15 @@ class AuditLog:
         return self._failed
 
     @property
+    def unavailable(self) -> str | None:
+        """Why an append would fail now (closed or failed), or None while it works."""
+        if self._closed:
+            return "the audit log is closed"
+        if self._failed is not None:
+            return f"the audit log stopped taking records after a failure ({self._failed})"
+        return None
+
+    @property
     def head(self) -> tuple[int, str]:
         with self._lock:
             return self._head.seq, self._head.hash

@@ -31,6 +31,7 @@ from isovisor.security.audit.log import Receipt
 log = logging.getLogger("isovisor.security.audit")
 
 REQUEST_KIND = "api.request"
+INTENT_KIND = "api.intent"  # a mutating request about to run (its api.request follows)
 VM_LIFECYCLE_KIND = "vm.lifecycle"
 SECURITY_PREFIX = "security."
 SECURITY_SECCOMP_KILL = "seccomp-kill"
