@@ -8,10 +8,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the project needs: assembler for test guests, QEMU as the conformance
 # reference and benchmark peer, acpica for ACPI table checks, swtpm for the TPM,
 # busybox-static for initramfs, lz4 for extracting the stock kernel, e2fsprogs for the
-# ext4 image the test kernel mounts from virtio-blk; libtss2-dev (+ pkg-config, gcc) to
+# ext4 image the test kernel mounts from virtio-blk; dnsmasq-base and nftables for tenant
+# networks (DHCP, anti-spoofing); libtss2-dev (+ pkg-config, gcc) to
 # build tpm2-pytss, which has no wheels, and the TCTIs it loads (swtpm, host /dev/tpmrm0).
 APT_PACKAGES := nasm qemu-system-x86 acpica-tools swtpm swtpm-tools busybox-static lz4 \
-                python3-venv libseccomp2 e2fsprogs dnsmasq-base \
+                python3-venv libseccomp2 e2fsprogs dnsmasq-base nftables \
                 libtss2-dev libtss2-tctildr0 libtss2-tcti-swtpm0 libtss2-tcti-device0 pkg-config gcc
 
 GUEST_SRCS := $(wildcard guests/*.asm)

@@ -13,18 +13,24 @@ GSO packets. They start off and the device turns on only what its driver negotia
 `open_tap(name)` attaches to an existing TAP (`ip tuntap add dev NAME mode tap`, made by
 the host); `open_tap(name, create=True)` may create a transient one that disappears when
 the descriptor closes. The interface is looked up in the calling thread's network
-namespace. Errors become a TapError with one sentence naming the TAP and what to do.
+namespace, or with `netns=NAME` in the named one (/run/netns/NAME: the daemon keeps its
+tenant networks there); the descriptor works from any namespace afterwards. Errors
+become a TapError with one sentence naming the TAP and what to do.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
+import re
 import socket
 import struct
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 TUN_DEVICE = "/dev/net/tun"
 # struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6): the header with num_buffers.
@@ -144,12 +150,61 @@ def _open_error(name: str, exc: OSError) -> TapError:
     return TapError(f"TAP {name}: {exc.strerror or exc}")
 
 
-def open_tap(name: str, *, create: bool = False) -> Tap:
-    """Attach to TAP `name` in the calling thread's network namespace.
+NETNS_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+_NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_T = TypeVar("_T")
+
+
+def check_netns_name(name: str) -> str:
+    """A network namespace name as `ip netns` makes them (a file in /run/netns)."""
+    if not _NETNS_NAME.match(name):
+        raise TapError(f"network namespace name {name!r} is invalid (letters, digits, '.', "
+                       "'_' and '-', at most 64)")
+    return name
+
+
+def in_netns(netns: str, fn: Callable[[], _T]) -> _T:
+    """Run `fn` in a short-lived thread that has joined network namespace `netns`
+    (/run/netns/NAME); its result or its exception. The caller's namespace is untouched."""
+    check_netns_name(netns)
+    result: list[_T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            try:
+                fd = os.open(f"{NETNS_DIR}/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise TapError(f"network namespace {netns}: {exc.strerror or exc}") from None
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise TapError(f"cannot enter network namespace {netns}: "
+                                   f"{os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=body, name=f"netns-{netns}")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def open_tap(name: str, *, create: bool = False, netns: str | None = None) -> Tap:
+    """Attach to TAP `name` in the calling thread's network namespace, or in `netns`.
 
     Without `create`, the interface must exist already (the host made it); with it, a
     missing TAP is created, transient: it goes away when the Tap is closed."""
     check_name(name)
+    if netns is not None:
+        return in_netns(netns, lambda: open_tap(name, create=create))
     if not create:
         try:
             socket.if_nametoindex(name)

@@ -214,7 +214,7 @@ class HostDevices:
                 out.disks.append(disk_json(spec))
             for i, net in enumerate(nets):
                 try:
-                    tap = open_tap(net.tap)
+                    tap = open_tap(net.tap, netns=net.netns)
                     if net.mac is not None:
                         parse_mac(net.mac)
                 except (TapError, NetError) as exc:

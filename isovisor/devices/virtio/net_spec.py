@@ -1,7 +1,10 @@
 """How a VM's network interface is described and built: `NetSpec`, MAC addresses, the
 `--net` option syntax and `open_net`, the factory the machine builder calls.
 
-    --net tap=NAME[,mac=MAC][,rx-bw=RATE][,rx-ops=N][,tx-bw=RATE][,tx-ops=N]
+    --net tap=NAME[,mac=MAC][,netns=NS][,rx-bw=RATE][,rx-ops=N][,tx-bw=RATE][,tx-ops=N]
+
+`netns=NS`: the TAP lives in network namespace NS (/run/netns/NS), as the daemon's tenant
+networks do (isovisor.host.network); the VMM itself stays where it is.
 
 RATE is bytes per second with an optional K/M/G suffix (binary: 10M = 10 MiB/s); N is
 frames per second. Each limit is a token bucket holding one second's worth, refilled at
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from isovisor.devices.events import SecurityEventSink
 from isovisor.devices.ratelimit import BucketSpec, RateLimiter
-from isovisor.devices.tap import TapError, check_name, open_tap
+from isovisor.devices.tap import TapError, check_name, check_netns_name, open_tap
 from isovisor.devices.virtio.net import NetBackend, VirtioNet
 
 
@@ -32,6 +35,7 @@ class NetSpec:
     rx_ops: BucketSpec | None = None  # frames/s towards the guest
     tx_bandwidth: BucketSpec | None = None  # bytes/s from the guest
     tx_ops: BucketSpec | None = None  # frames/s from the guest
+    netns: str | None = None  # the TAP's network namespace (/run/netns/NAME); None: ours
 
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
@@ -75,7 +79,7 @@ def _bucket(key: str, text: str, *, bytes_: bool) -> BucketSpec:
     return BucketSpec(capacity=rate, refill_per_second=float(rate))
 
 
-_KEYS = ("tap", "mac", "rx-bw", "rx-ops", "tx-bw", "tx-ops")
+_KEYS = ("tap", "mac", "netns", "rx-bw", "rx-ops", "tx-bw", "tx-ops")
 
 
 def parse_net_option(text: str) -> NetSpec:
@@ -93,6 +97,8 @@ def parse_net_option(text: str) -> NetSpec:
         raise NetError(f"--net {text!r}: tap=NAME is required")
     try:
         check_name(fields["tap"])
+        if "netns" in fields:
+            check_netns_name(fields["netns"])
     except TapError as exc:
         raise NetError(str(exc)) from None
     mac = fields.get("mac")
@@ -104,7 +110,7 @@ def parse_net_option(text: str) -> NetSpec:
     }
     return NetSpec(
         tap=fields["tap"], mac=mac, rx_bandwidth=limits["rx-bw"], rx_ops=limits["rx-ops"],
-        tx_bandwidth=limits["tx-bw"], tx_ops=limits["tx-ops"],
+        tx_bandwidth=limits["tx-bw"], tx_ops=limits["tx-ops"], netns=fields.get("netns"),
     )
 
 
@@ -125,7 +131,7 @@ def open_net(
     mac = parse_mac(spec.mac) if spec.mac is not None else random_mac()
     if backend is None:
         try:
-            backend = open_tap(spec.tap)
+            backend = open_tap(spec.tap, netns=spec.netns)
         except TapError as exc:
             raise NetError(str(exc)) from None
     return VirtioNet(

@@ -49,6 +49,7 @@ def test_net_option() -> None:
     assert spec.tx_ops == BucketSpec(100, 100.0)
     assert spec.rx_ops is None and spec.tx_bandwidth is None
     assert parse_net_option("tap=t,tx-bw=4096").tx_bandwidth == BucketSpec(4096, 4096.0)
+    assert parse_net_option("tap=t,netns=isovisor-net").netns == "isovisor-net"
 
 
 @pytest.mark.parametrize(
@@ -65,6 +66,8 @@ def test_net_option() -> None:
         ("tap=t,rx-bw=fast", "rate like 10M"),
         ("tap=t,rx-ops=10K", "whole number"),
         ("tap=t,tx-bw=0", "positive"),
+        ("tap=t,netns=../etc", "namespace name"),
+        ("tap=t,netns=", "namespace name"),
     ],
 )
 def test_net_option_errors(text: str, match: str) -> None:
@@ -101,3 +104,20 @@ def test_open_net_errors_name_the_tap() -> None:
         dev = ns.call(lambda: open_net(NetSpec("isvtap1", mac="02:00:00:00:00:09"), events))
         assert dev.mac == bytes.fromhex("020000000009")
         dev.close()
+
+
+def test_open_net_in_another_namespace() -> None:
+    """netns=NAME: the TAP is found and attached in /run/netns/NAME while the caller stays
+    in its own namespace (how a VM reaches the daemon's tenant networks)."""
+    events = SecurityEventLog()
+    with NetNs() as ns:
+        ns.add_tap("isvtapns")
+        with pytest.raises(NetError, match="TAP isvtapns does not exist"):
+            open_net(NetSpec("isvtapns"), events)  # not in our own namespace
+        dev = open_net(NetSpec("isvtapns", netns=ns.name), events)
+        try:
+            assert "LOWER_UP" in ns.links().split("isvtapns", 1)[1].splitlines()[0]
+        finally:
+            dev.close()
+        with pytest.raises(NetError, match="network namespace isv-none"):
+            open_net(NetSpec("isvtapns", netns="isv-none"), events)
