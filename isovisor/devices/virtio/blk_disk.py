@@ -27,7 +27,7 @@ import mmap
 import os
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from isovisor.devices.ratelimit import BucketSpec
@@ -55,8 +55,9 @@ class DiskError(Exception):
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """One `--disk`: a raw image, optionally read-only, O_DIRECT, with a GET_ID serial and
-    rate limits (bytes of data per second, requests per second; None: unlimited)."""
+    """One `--disk`: a raw image, optionally read-only, O_DIRECT, with a GET_ID serial,
+    rate limits (bytes of data per second, requests per second; None: unlimited) and an
+    encryption key (never in repr)."""
 
     path: Path
     readonly: bool = False
@@ -64,6 +65,8 @@ class DiskSpec:
     serial: str | None = None  # at most 20 ASCII characters; None: derived from the inode
     bandwidth: BucketSpec | None = None
     ops: BucketSpec | None = None
+    # An AES-XTS-256 key (64 bytes): the image holds ciphertext (diskcrypt.EncryptedDisk).
+    key: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.serial is not None:
