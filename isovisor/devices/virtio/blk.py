@@ -146,39 +146,31 @@ class VirtioBlk(VirtioDevice):
     # --- the queue -----------------------------------------------------------------------
 
     def process_queue(self, index: int, queue: Virtqueue) -> bool:
-        """Serve every available request (the whole ring per notify: `pop_heads`); the
-        base class then sends at most one interrupt for the lot (EVENT_IDX aware)."""
         limits = self.limits
         mem = queue.mem
         stopping = self._stopping.is_set
-        limiter = self.rate_limiter
         while not stopping():
             if self._pending is not None:
-                batch: list[tuple[int, BlkRequest | None]] = [self._pending]
+                head, req = self._pending
                 self._pending = None
             else:
-                heads = queue.pop_heads()
-                if not heads:
+                chain = queue.pop()
+                if chain is None:
                     return True
-                batch = [(h, None) for h in heads]
-            for i, (head, req) in enumerate(batch):
-                if stopping():
-                    queue.undo_pop(len(batch) - i)
-                    return True
-                if req is None:
-                    parsed = self._parse(mem, queue.chain(head), limits)
-                    if isinstance(parsed, Rejected):
-                        self._reject(mem, queue, head, parsed)
-                        continue
-                    req = parsed
-                if limiter is not None and not limiter.consume(nbytes=_cost(req), nops=1):
-                    self._pending = (head, req)
-                    queue.undo_pop(len(batch) - i - 1)  # the rest wait in the ring
-                    self.blk_stats.throttled += 1
-                    return False
-                status, written = self._execute(mem, req)
-                mem.write_u8(req.status_addr, status)
-                queue.add_used(head, written + 1)
+                head = chain.head
+                parsed = self._parse(mem, chain, limits)
+                if isinstance(parsed, Rejected):
+                    self._reject(mem, queue, head, parsed)
+                    continue
+                req = parsed
+            limiter = self.rate_limiter
+            if limiter is not None and not limiter.consume(nbytes=_cost(req), nops=1):
+                self._pending = (head, req)
+                self.blk_stats.throttled += 1
+                return False
+            status, written = self._execute(mem, req)
+            mem.write_u8(req.status_addr, status)
+            queue.add_used(head, written + 1)
         return True
 
     def _parse(
@@ -189,10 +181,9 @@ class VirtioBlk(VirtioDevice):
         if isinstance(f, Rejected):
             return f
         h = f.header
-        ram = mem.ram  # descriptors carry checked offsets: no second check
         header = (
-            ram[h[0].offset : h[0].offset + HEADER_SIZE].tobytes() if len(h) == 1
-            else b"".join(ram[d.offset : d.offset + d.len] for d in h)
+            mem.read_exact(h[0].addr, HEADER_SIZE) if len(h) == 1
+            else b"".join(mem.read_exact(d.addr, d.len) for d in h)
         )
         req = parse(f, header, limits)
         if isinstance(req, Rejected) or req.type not in _SEGMENTED:
@@ -200,7 +191,7 @@ class VirtioBlk(VirtioDevice):
         bad = segments_length_ok(req, limits)
         if bad is not None:
             return bad
-        raw = b"".join(ram[d.offset : d.offset + d.len] for d in req.data)
+        raw = b"".join(mem.read_exact(d.addr, d.len) for d in req.data)
         return parse_segments(req, raw, limits)
 
     def _reject(self, mem: GuestMemory, queue: Virtqueue, head: int, r: Rejected) -> None:
@@ -217,9 +208,8 @@ class VirtioBlk(VirtioDevice):
         """Carry out a checked request: (status, data bytes written into the guest)."""
         disk, st, kind = self.disk, self.blk_stats, req.type
         try:
-            ram = mem.ram  # the data descriptors carry checked offsets
             if kind is _IN:
-                views = [ram[d.offset : d.offset + d.len] for d in req.data]
+                views = [mem.view(d.addr, d.len) for d in req.data]
                 try:
                     disk.read_into(views, req.offset, req.length, disk.direct and _aligned(req))
                 finally:
@@ -228,7 +218,7 @@ class VirtioBlk(VirtioDevice):
                 st.bytes_read += req.length
                 return Status.OK, req.length
             if kind is _OUT:
-                views = [ram[d.offset : d.offset + d.len] for d in req.data]
+                views = [mem.view(d.addr, d.len) for d in req.data]
                 try:
                     disk.write_from(views, req.offset, req.length, disk.direct and _aligned(req))
                 finally:
@@ -245,7 +235,7 @@ class VirtioBlk(VirtioDevice):
                 serial = disk.serial[: req.length]
                 pos = 0
                 for d in req.data:
-                    ram[d.offset : d.offset + d.len] = serial[pos : pos + d.len]
+                    mem.write_all(d.addr, serial[pos : pos + d.len])
                     pos += d.len
                 st.get_ids += 1
                 return Status.OK, req.length
