@@ -1,4 +1,5 @@
-"""`--disk PATH[,readonly][,direct][,serial=ID][,bw=RATE][,iops=N][,bw-burst=SIZE][,iops-burst=N]`.
+"""`--disk PATH[,readonly][,direct][,serial=ID][,bw=RATE][,iops=N][,bw-burst=SIZE][,iops-burst=N]
+[,keyfile=FILE|keyfd=N]`.
 
 PATH comes first; a comma inside it is written twice (`a,,b.img` is the file `a,b.img`),
 as QEMU does. Flags and `key=value` options follow in any order, each at most once:
@@ -11,22 +12,28 @@ as QEMU does. Flags and `key=value` options follow in any order, each at most on
   `iops=N`: requests per second. Each bucket holds a tenth of a second's worth (at least
   one request's worth is always let through, leaving the bucket in debt);
   `bw-burst=SIZE` / `iops-burst=N` add a one-time allowance on top, spent first.
+- `keyfile=FILE`: the image is encrypted at rest with AES-XTS-256 (512-byte sectors,
+  plain64 tweak: dm-crypt's aes-xts-plain64) under the 64-byte key held in FILE (exactly
+  64 bytes); `keyfd=N`: the next 64 bytes read from the open descriptor N (the daemon
+  hands keys to `isovisor run` through a pipe, so no key is ever written to a file).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
 from isovisor.devices.ratelimit import BucketSpec
 from isovisor.devices.virtio.blk_disk import DiskSpec
 
-SYNTAX = "PATH[,readonly][,direct][,serial=ID][,bw=RATE][,iops=N]"
+SYNTAX = "PATH[,readonly][,direct][,serial=ID][,bw=RATE][,iops=N][,keyfile=FILE|keyfd=N]"
 _BYTES = re.compile(r"^(\d+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _FLAGS = {"readonly": "readonly", "ro": "readonly", "direct": "direct"}
-_KEYS = ("serial", "bw", "iops", "bw-burst", "iops-burst")
+_KEYS = ("serial", "bw", "iops", "bw-burst", "iops-burst", "keyfile", "keyfd")
+KEY_BYTES = 64  # AES-XTS-256: two 256-bit keys
 BUCKET_SECONDS = 0.1  # a bucket holds this long's worth of tokens
 
 
@@ -72,6 +79,41 @@ def _bucket(rate: int | None, burst: int | None, what: str) -> BucketSpec | None
     return BucketSpec(capacity, float(rate), burst or 0)
 
 
+def _read_key(text: str, values: dict[str, str]) -> bytes | None:
+    """The disk key from keyfile= or keyfd= (ArgumentTypeError naming the problem)."""
+    if "keyfile" in values and "keyfd" in values:
+        raise argparse.ArgumentTypeError(f"--disk {text!r}: keyfile= and keyfd= exclude "
+                                         "each other")
+    if "keyfile" in values:
+        try:
+            with open(values["keyfile"], "rb") as f:
+                key = f.read(KEY_BYTES + 1)
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(
+                f"--disk keyfile={values['keyfile']!r}: {exc.strerror}") from None
+        if len(key) != KEY_BYTES:
+            raise argparse.ArgumentTypeError(
+                f"--disk keyfile={values['keyfile']!r}: a key file holds exactly "
+                f"{KEY_BYTES} bytes, this one {len(key)}{'+' if len(key) > KEY_BYTES else ''}")
+        return key
+    if "keyfd" in values:
+        fd = _count("keyfd", values["keyfd"]) if values["keyfd"] != "0" else 0
+        key = b""
+        try:
+            while len(key) < KEY_BYTES:
+                chunk = os.read(fd, KEY_BYTES - len(key))
+                if not chunk:
+                    break
+                key += chunk
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"--disk keyfd={fd}: {exc.strerror}") from None
+        if len(key) != KEY_BYTES:
+            raise argparse.ArgumentTypeError(
+                f"--disk keyfd={fd}: expected {KEY_BYTES} key bytes, got {len(key)}")
+        return key
+    return None
+
+
 def parse_disk_option(text: str) -> DiskSpec:
     """The argparse type of --disk (ArgumentTypeError with the reason on bad syntax)."""
     path, *opts = _split(text)
@@ -94,7 +136,7 @@ def parse_disk_option(text: str) -> DiskSpec:
         else:
             raise argparse.ArgumentTypeError(
                 f"--disk {text!r}: unknown option {opt!r} (expected readonly, direct, "
-                f"serial=, bw=, iops=, bw-burst=, iops-burst=)"
+                f"serial=, bw=, iops=, bw-burst=, iops-burst=, keyfile=, keyfd=)"
             )
     bw = _bytes("bw", values["bw"]) if "bw" in values else None
     iops = _count("iops", values["iops"]) if "iops" in values else None
@@ -108,6 +150,7 @@ def parse_disk_option(text: str) -> DiskSpec:
             serial=values.get("serial"),
             bandwidth=_bucket(bw, bw_burst, "bw"),
             ops=_bucket(iops, iops_burst, "iops"),
+            key=_read_key(text, values),
         )
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

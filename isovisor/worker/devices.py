@@ -64,7 +64,9 @@ def _bucket_json(b: BucketSpec | None) -> dict[str, Any] | None:
 def disk_json(spec: DiskSpec) -> dict[str, Any]:
     return {"path": str(spec.path), "readonly": spec.readonly, "direct": spec.direct,
             "serial": spec.serial, "bw": _bucket_json(spec.bandwidth),
-            "ops": _bucket_json(spec.ops)}
+            "ops": _bucket_json(spec.ops),
+            # the disk key (hex) travels only in this message, never through a file
+            "key": spec.key.hex() if spec.key is not None else None}
 
 
 def net_json(spec: NetSpec, ufo: bool) -> dict[str, Any]:
@@ -125,13 +127,17 @@ class _Reader:
 
 
 def disk_from_json(doc: Any, i: int = 0) -> DiskSpec:
-    r = _Reader(f"disk {i}", doc, ("path", "readonly", "direct", "serial", "bw", "ops"))
+    r = _Reader(f"disk {i}", doc, ("path", "readonly", "direct", "serial", "bw", "ops", "key"))
     path = r.text("path")
     assert path is not None
+    key_hex = r.text("key", optional=True)
+    if key_hex is not None and (len(key_hex) != 128 or key_hex.strip("0123456789abcdef")):
+        raise ProtocolError(f"worker config: disk {i}.key is not 64 bytes of lowercase hex")
     try:
         return DiskSpec(Path(path), readonly=r.flag("readonly"), direct=r.flag("direct"),
                         serial=r.text("serial", optional=True), bandwidth=r.bucket("bw"),
-                        ops=r.bucket("ops"))
+                        ops=r.bucket("ops"),
+                        key=bytes.fromhex(key_hex) if key_hex is not None else None)
     except ValueError as exc:
         raise ProtocolError(f"worker config: disk {i}: {exc}") from None
 
