@@ -23,13 +23,18 @@ from isovisor.api.app import Api, create_app
 from isovisor.api.pipeline import RequestObserver
 from isovisor.api.server import ApiServer, SecurityEventHook, TlsFiles
 from isovisor.host.config import ConfigError, DaemonConfig, add_arguments
-from isovisor.host.lifecycle import LifecycleObserver
-from isovisor.host.runner import VmRunner
+from isovisor.host.integrity import open_integrity
+from isovisor.host.lifecycle import LifecycleEvent, LifecycleObserver
+from isovisor.host.models import VmState
+from isovisor.host.runner import SECURITY_EVENTS, VmHandle, VmRunner
 from isovisor.host.service import HostService
 from isovisor.security.audit import AuditError
 from isovisor.security.audit.hooks import HostAudit, HostAuditConfig
+from isovisor.security.audit.vm_events import VmChannel, VmEventWatcher
+from isovisor.security.integrity.errors import IntegrityError
 from isovisor.security.pki import CertificateAuthority, PkiError
 from isovisor.security.pki.files import PRIVATE_MODE, PUBLIC_MODE, write_atomic
+from isovisor.security.tpm import TpmError
 
 log = logging.getLogger("isovisord")
 CRL_REFRESH_SECONDS = 24 * 3600
@@ -84,8 +89,16 @@ class Daemon:
         # The audit log opens first and fails closed: no audit, no daemon.
         self.audit = HostAudit(config.state_dir,
                                HostAuditConfig.from_table(config.extra.get("audit", {})))
-        self.service = HostService(config.state_dir, runner=runner)
+        self.service = HostService(config.state_dir, runner=runner,
+                                   network_namespace=config.network_namespace)
+        # VMMs' security events (seccomp kills, NEEDS_RESET) into the audit log; read on
+        # every state change of a VM too, before the change itself is recorded.
+        self.vm_events = VmEventWatcher(self.audit.log, self._vm_channels)
+        self.add_lifecycle_observer(self._read_vm_events)
         self.add_lifecycle_observer(self.audit.record_transition)
+        # Measured launch now, the launch gate before every VM launch (docs/SECURITY.md).
+        self.integrity = open_integrity(config.extra.get("integrity"), config.state_dir,
+                                        self.audit.log, self.service.lifecycle)
         self.reconciled = self.service.open()
         self.admin = (ensure_admin(self.ca, self.service, config, config.bootstrap_admin)
                       if config.bootstrap_admin else None)
@@ -107,6 +120,26 @@ class Daemon:
     def add_lifecycle_observer(self, observer: LifecycleObserver) -> None:
         self.service.lifecycle.observers.append(observer)
 
+    def _vm_channels(self) -> list[VmChannel]:
+        channels = []
+        for vm in self.service.vms.active():
+            if vm.handle is not None:
+                run_dir = Path(VmHandle.from_json(vm.handle).run_dir)
+                channels.append(VmChannel(vm.id, vm.tenant, vm.name, run_dir / SECURITY_EVENTS))
+        return channels
+
+    def _read_vm_events(self, event: LifecycleEvent) -> None:
+        try:
+            vm = self.service.vms.by_id(event.vm_id) if event.state is not None else None
+            if vm is None or vm.handle is None:
+                return
+            run_dir = Path(VmHandle.from_json(vm.handle).run_dir)
+            self.vm_events.drain(VmChannel(vm.id, vm.tenant, vm.name,
+                                           run_dir / SECURITY_EVENTS),
+                                 final=event.state is VmState.STOPPED)
+        except Exception:  # the transition itself must go on
+            log.exception("reading the security events of VM %s failed", event.vm_id)
+
     @property
     def endpoint(self) -> str:
         host, _ = self.config.host_port
@@ -115,6 +148,7 @@ class Daemon:
 
     def start(self) -> None:
         self.server.start()
+        self.vm_events.start()
         self._crl_thread = threading.Thread(target=self._refresh_crl, name="crl-refresh",
                                             daemon=True)
         self._crl_thread.start()
@@ -129,7 +163,10 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
         self.server.stop()
+        self.vm_events.stop()
         self.service.close()
+        if self.integrity is not None:
+            self.integrity.close()
         self.audit.close()
 
 
@@ -142,9 +179,10 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         config = DaemonConfig.load(args.config, state_dir=args.state_dir, ca_dir=args.ca_dir,
-                                   listen=args.listen, bootstrap_admin=args.bootstrap_admin)
+                                   listen=args.listen, bootstrap_admin=args.bootstrap_admin,
+                                   network_namespace=args.network_namespace)
         daemon = Daemon(config)
-    except (ConfigError, PkiError, OSError, AuditError) as exc:
+    except (ConfigError, PkiError, OSError, AuditError, IntegrityError, TpmError) as exc:
         print(f"isovisord: {exc}", file=sys.stderr)
         return 1
     stop = threading.Event()

@@ -119,6 +119,25 @@ MIGRATIONS: list[str] = [
         UNIQUE (network_id, ip)
     )
     """,
+    # 4: encrypted disks (issue #9, storage half): a tenant's key wrapped by the host
+    # master key; each disk's AES-XTS-256 key wrapped by its tenant's key
+    # (isovisor.host.keys). Deleting a tenant deletes its key row.
+    """
+    CREATE TABLE tenant_keys (
+        tenant TEXT PRIMARY KEY REFERENCES tenants(name) ON DELETE CASCADE,
+        wrapped BLOB NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE disks (
+        tenant TEXT NOT NULL REFERENCES tenants(name),
+        name TEXT NOT NULL,
+        id TEXT NOT NULL UNIQUE,
+        size INTEGER NOT NULL,
+        wrapped_key BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (tenant, name)
+    )
+    """,
 ]
 
 
@@ -137,6 +156,9 @@ class Database:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows (wrapped keys of shredded disks and tenants) are overwritten in the
+        # file, not just unlinked from the b-tree (issue #9).
+        conn.execute("PRAGMA secure_delete=ON")
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         return conn
 

@@ -25,6 +25,7 @@ from isovisor.host import monitor
 from isovisor.host.errors import RunnerError
 
 CONSOLE_LOG = "console.log"
+SECURITY_EVENTS = "events.jsonl"  # the VMM's security events channel (docs/AUDIT.md)
 VM_ID_ENV = "ISOVISOR_VM_ID"  # marks every process of a VM (see vm_pids)
 # How long `start` waits for the monitor to report the VMM's pid.
 SPAWN_TIMEOUT = 10.0
@@ -55,6 +56,7 @@ class Launch:
     cmdline: str = ""
     disks: tuple[tuple[Path, bool], ...] = ()  # (path, readonly)
     rng: bool = False
+    nets: tuple[str, ...] = ()  # `--net` values: TAPs of tenant networks (isovisor.host.network)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ def default_command(launch: Launch, console: Path) -> list[str]:
     cmd = [sys.executable, "-m", "isovisor.cli.main", "run", "--kernel", str(launch.kernel),
            "--memory", f"{launch.memory_mib}M", "--vcpus", str(launch.vcpus),
            "--serial", f"file:{console}",
-           "--serial-input", f"unix:{monitor.SERIAL_SOCKET}"]  # relative to RUN_DIR
+           "--serial-input", f"unix:{monitor.SERIAL_SOCKET}",  # relative to RUN_DIR
+           "--security-events", SECURITY_EVENTS]
     if launch.initrd is not None:
         cmd += ["--initrd", str(launch.initrd)]
     if launch.cmdline:
@@ -138,6 +141,8 @@ def default_command(launch: Launch, console: Path) -> list[str]:
         cmd += ["--disk", f"{path},readonly" if readonly else str(path)]
     if launch.rng:
         cmd.append("--rng")
+    for net in launch.nets:
+        cmd += ["--net", net]
     return cmd
 
 

@@ -8,9 +8,12 @@ from pathlib import Path
 
 from isovisor.host.access import AccessStore
 from isovisor.host.db import Database
+from isovisor.host.disks import DiskStore
 from isovisor.host.errors import Conflict
 from isovisor.host.idempotency import IdempotencyStore
 from isovisor.host.images import ImageStore
+from isovisor.host.keys.hierarchy import KeyHierarchy
+from isovisor.host.keys.master_key import FileMasterKey
 from isovisor.host.lifecycle import VmLifecycle
 from isovisor.host.models import RoleAssignment, Vm
 from isovisor.host.runner import SubprocessRunner, VmRunner
@@ -20,6 +23,7 @@ from isovisor.security.rbac import ROOT, Scope
 
 log = logging.getLogger(__name__)
 DB_FILE = "isovisord.sqlite3"
+MASTER_KEY_FILE = "master.key"
 
 
 class HostService:
@@ -29,6 +33,10 @@ class HostService:
         self.db = Database(state_dir / DB_FILE)
         self.tenants = TenantStore(self.db)
         self.images = ImageStore(self.db, state_dir / "images")
+        # Encrypted disks (issue #9): keys under the master key in a root-only file (a
+        # TPM-sealed MasterKeySource replaces FileMasterKey once issue #7 offers sealing).
+        self.disks = DiskStore(self.db, state_dir / "volumes",
+                               KeyHierarchy(FileMasterKey(state_dir / MASTER_KEY_FILE)))
         self.vms = VmStore(self.db)
         self.access = AccessStore(self.db)
         self.idempotency = IdempotencyStore(self.db)
@@ -72,4 +80,8 @@ class HostService:
         self.access.delete_scope(Scope.vm(vm.tenant, vm.name))
 
     def delete_tenant(self, name: str) -> None:
+        """Its key row goes with it (ON DELETE CASCADE): the tenant key is destroyed."""
+        if self.disks.count(name):
+            raise Conflict(f"tenant {name!r} still has disks; delete them first")
         self.tenants.delete(name)
+        self.disks.checkpoint()

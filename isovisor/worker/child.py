@@ -63,6 +63,7 @@ from isovisor.worker.config import (
     WorkerConfig,
 )
 from isovisor.worker.errors import BuildError, JailError, ProtocolError
+from isovisor.worker.event_forward import EventForwarder
 from isovisor.worker.seccomp import threads
 from isovisor.worker.seccomp.install import install
 
@@ -243,6 +244,10 @@ def worker_init(cfg: WorkerConfig, control: socket.socket, facts: HostFacts) -> 
 
 def control_loop(machine: Machine, control: socket.socket) -> int:
     vm = machine.vm
+    forwarder = EventForwarder()  # device security events -> the host, each turn below
+    vm.security_events.listeners.append(forwarder)
+    for ev in vm.security_events.events():  # raised before the loop started
+        forwarder(ev)
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     def wake(_ev: StopEvent) -> None:
         os.write(wake_w, b".")
@@ -263,6 +268,7 @@ def control_loop(machine: Machine, control: socket.socket) -> int:
             if fd == wake_r:
                 continue
             _handle_control(machine, control)
+        forwarder.flush(control)
         # A thread seen twice (a second apart) without its role filter bypassed the hook.
         now = set(threads.unfiltered_threads())
         if now & suspects:
@@ -272,6 +278,7 @@ def control_loop(machine: Machine, control: socket.socket) -> int:
     event = machine.wait()
     assert event is not None
     machine.close()
+    forwarder.flush(control)
     if sys.stdout:
         sys.stdout.flush()
     body = {"reason": event.reason.name, "vcpu": event.vcpu, "detail": event.detail,

@@ -72,6 +72,19 @@ class _Inputs:
 def run_jailed(args: argparse.Namespace, serial_input: str) -> int:
     inputs = _Inputs()
     launcher = Launcher()
+    events = None
+    if getattr(args, "security_events", None) is not None:
+        # The worker's device events (forwarded over its control socket) and its death by
+        # seccomp both pass through launcher.security_events.
+        from isovisor.security.audit.event_channel import ChannelWriter
+
+        try:
+            events = ChannelWriter(args.security_events)
+        except OSError as exc:
+            print(f"isovisor: --security-events {args.security_events}: {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        launcher.security_events.listeners.append(events)
     try:
         try:
             req = LaunchRequest(
@@ -80,6 +93,7 @@ def run_jailed(args: argparse.Namespace, serial_input: str) -> int:
                 serial_out_fd=inputs.serial_out(args.serial),
                 serial_in_fd=inputs.serial_in(serial_input), rng=bool(args.rng),
                 disks=tuple(args.disk), nets=tuple(args.net), vsock=args.vsock,
+                test_hook=getattr(args, "test_hook", None),
             )
             if args.serial_rate is not None:
                 req.serial_rate = float(args.serial_rate)
@@ -115,6 +129,8 @@ def run_jailed(args: argparse.Namespace, serial_input: str) -> int:
             signal.signal(signal.SIGTERM, old_term)
     finally:
         launcher.close()
+        if events is not None:
+            events.close()
     sys.stdout.flush()
     print(f"isovisor: {result.describe()}", file=sys.stderr)
     if args.verbose:

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 ZYGOTE_START_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 60.0  # building a VM includes reading the kernel and initrd
+# Security events from a worker: at most this many per control read, and per second.
+MAX_EVENTS_PER_CALL = 64
+WORKER_EVENTS_PER_SECOND = 20.0
 _core_sched_reported = False
 CORE_SCHED_MARKER = Path("/run/isovisor/core-sched-reported")
 
@@ -345,24 +348,55 @@ class WorkerHandle:
         self.start_ms = 0.0
         self.ready_ms = 0.0
         self.result: WorkerExit | None = None
+        self._event_tokens = 2 * WORKER_EVENTS_PER_SECOND
+        self._event_last = time.monotonic()
+        self.events_dropped = 0
 
     @property
     def uid(self) -> int:
         return self.lease.uid
 
     def _control_msg(self, timeout: float) -> protocol.Message | None:
-        ready, _, _ = select.select([self.control], [], [], timeout)
-        if not ready:
-            return None
-        try:
-            msg = protocol.recv(self.control)
-        except (OSError, ProtocolError):
-            msg = None
-        if msg is None:
-            return protocol.Message("eof")
-        for fd in msg.fds:
-            os.close(fd)
-        return msg
+        """The next control message; security events are handled here, in passing (at
+        most MAX_EVENTS_PER_CALL of them, so a flood cannot hold the caller)."""
+        for _ in range(MAX_EVENTS_PER_CALL):
+            ready, _, _ = select.select([self.control], [], [], timeout)
+            if not ready:
+                return None
+            try:
+                msg = protocol.recv(self.control)
+            except (OSError, ProtocolError):
+                msg = None
+            if msg is None:
+                return protocol.Message("eof")
+            for fd in msg.fds:
+                os.close(fd)
+            if msg.op != protocol.OP_SECURITY_EVENT:
+                return msg
+            self._worker_event(msg)
+            timeout = 0
+        return None
+
+    def _worker_event(self, msg: protocol.Message) -> None:
+        """A device's security event from the worker: untrusted (a compromised worker
+        chooses every byte), so bounded, rate-limited and named as the worker's."""
+        now = time.monotonic()
+        self._event_tokens = min(2 * WORKER_EVENTS_PER_SECOND, self._event_tokens
+                                 + (now - self._event_last) * WORKER_EVENTS_PER_SECOND)
+        self._event_last = now
+        if self._event_tokens < 1:
+            self.events_dropped += 1
+            return
+        self._event_tokens -= 1
+        body = msg.body
+        kind, source, detail = body.get("kind"), body.get("source"), body.get("detail")
+        if not (isinstance(kind, str) and isinstance(source, str) and isinstance(detail, str)):
+            kind, source, detail = "malformed-event", "", f"malformed event message {body!r}"
+        if self.events_dropped:
+            detail += f" ({self.events_dropped} earlier worker events dropped: rate limit)"
+            self.events_dropped = 0
+        self.launcher.security_events.report(
+            kind[:64], f"worker {self.vm_id} (pid {self.pid}): {source[:256]}", detail[:2048])
 
     def _await_failure(self, detail: str) -> None:
         """The zygote could not start the VM process; the worker may have said why."""
@@ -416,8 +450,10 @@ class WorkerHandle:
             protocol.send(self.control, protocol.OP_PING)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            msg = self._control_msg(deadline - time.monotonic())
-            if msg is None or msg.op == "eof":
+            msg = self._control_msg(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                continue  # a timeout ends the loop; security events passed in between
+            if msg.op == "eof":
                 return None
             if msg.op == protocol.OP_PONG:
                 return msg.body

@@ -34,6 +34,7 @@ OP_READY = "ready"
 OP_FAILED = "failed"
 OP_STOPPED = "stopped"
 OP_PONG = "pong"
+OP_SECURITY_EVENT = "security-event"  # kind, source, detail: a device's security event
 # host -> worker
 OP_STOP = "stop"
 OP_PING = "ping"
@@ -91,14 +92,15 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
 
 
 def send(sock: socket.socket, op: str, body: dict[str, Any] | None = None,
-         fds: list[int] | tuple[int, ...] = ()) -> None:
+         fds: list[int] | tuple[int, ...] = (), *, nowait: bool = False) -> None:
+    """One message; with `nowait`, raise BlockingIOError instead of waiting for room."""
     data = encode(op, body)
     if len(fds) > MAX_FDS:
         raise ProtocolError(f"{op}: {len(fds)} fds exceed {MAX_FDS}")
     anc = []
     if fds:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    sock.sendmsg([data], anc)
+    sock.sendmsg([data], anc, socket.MSG_DONTWAIT if nowait else 0)
 
 
 def recv(sock: socket.socket) -> Message | None:

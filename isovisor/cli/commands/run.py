@@ -95,6 +95,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--serial-rate", type=parse_size, default=None,
                      help="cap on guest serial output per second (default 1M)")
     run.add_argument("-v", "--verbose", action="store_true", help="log VMM events to stderr")
+    run.add_argument("--security-events", type=Path, default=None, metavar="FILE",
+                     help="append the VM's security events (seccomp kill, a virtio device "
+                     "put into NEEDS_RESET, ...) to FILE as JSON lines (isovisord reads "
+                     "them into its audit log; docs/AUDIT.md)")
+    run.add_argument("--test-hook", default=None, help=argparse.SUPPRESS)  # tests only
     run.add_argument("--no-jail", action="store_true",
                      help="DEBUGGING ONLY: run the VM in this process, without the jailed "
                      "worker (no namespaces, seccomp, cgroups or uid switch); prints a warning")
@@ -129,6 +134,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (KvmError, VmError, BootError, GuestMemoryError) as exc:
         print(f"isovisor: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    if args.security_events is not None:
+        from isovisor.security.audit.event_channel import ChannelWriter
+
+        machine.vm.security_events.listeners.append(ChannelWriter(args.security_events))
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         machine.vm.stop(f"stopped by {signal.Signals(signum).name}")

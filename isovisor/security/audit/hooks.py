@@ -37,6 +37,7 @@ from isovisor.security.audit.recorders import (
     VM_LIFECYCLE_KIND,
     clip,
     record_security_event,
+    record_vm_security_event,
 )
 from isovisor.security.audit.syslog import SyslogForwarder, parse_address
 
@@ -263,6 +264,14 @@ class HostAudit:
                                   detail=f"{detail} (client {client})", durable=False)
         except Exception:
             log.exception("security event not audited: %s %s", kind, detail)
+
+    def vm_security_event(self, kind: str, *, tenant: str, vm: str, vm_id: str,
+                          source: str, detail: str, durable: bool = True) -> None:
+        """A security event about one VM (launch gate, integrity check, ...): recorded as
+        ``security.<kind>`` with the VM's scope, id and tenant. Durable before it returns
+        by default; raises AuditError if it cannot be recorded."""
+        record_vm_security_event(self.log, kind=kind, source=source, detail=detail,
+                                 tenant=tenant, vm=vm, vm_id=vm_id, durable=durable)
 
     def security_hook(self, then: SecurityEventHook | None = None) -> SecurityEventHook:
         """`security_event`, followed by another hook if the daemon has one."""

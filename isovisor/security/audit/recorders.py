@@ -8,7 +8,9 @@ Record kinds and their data fields (all strings unless noted):
 - ``vm.lifecycle``: scope (``/tenants/{t}/vms/{v}``), from, to, reason;
 - ``security.<kind>``: source, detail, scope, time; kinds used by isovisor are the
   ``SECURITY_*`` constants below; device models report their own (e.g.
-  ``virtio-needs-reset``).
+  ``virtio-needs-reset``). Events about one VM (``record_vm_security_event``) add
+  tenant, vm_id and channel_offset (where in the VMM's events channel a malformed line
+  was; null otherwise).
 
 Strings from outside (certificate names, guest-chosen text) are cut to ``MAX_FIELD_CHARS``.
 """
@@ -40,6 +42,9 @@ SECURITY_INTEGRITY = "integrity-failure"
 SECURITY_LAUNCH_GATE = "launch-gate-refused"
 SECURITY_AUTH_FAILURE = "auth-failure"
 SECURITY_QUOTA_REFUSED = "quota-refused"
+# from the per-VM security events channel (event_channel.py, vm_events.py)
+SECURITY_MALFORMED_EVENT = "malformed-event"
+SECURITY_CHANNEL_OVERFLOW = "event-channel-overflow"
 OUTCOMES = frozenset({"allowed", "denied", "unauthenticated", "failed"})
 
 MAX_FIELD_CHARS = 4096  # keeps one hostile string from filling an entry (64 KiB limit)
@@ -113,6 +118,27 @@ def record_security_event(sink: AuditSink, *, kind: str, source: str, detail: st
                           durable: bool = True) -> Receipt:
     return sink.append(security_kind(kind), {
         "source": clip(source), "detail": clip(detail), "scope": clip(scope),
+        "time": timestamp(time.time() if when is None else when),
+    }, durable=durable)
+
+
+def record_vm_security_event(sink: AuditSink, *, kind: str, source: str, detail: str,
+                             tenant: str, vm: str, vm_id: str, when: float | None = None,
+                             channel_offset: int | None = None,
+                             durable: bool = False) -> Receipt:
+    """A security event about one VM: ``security.<kind>`` with scope
+    ``/tenants/{tenant}/vms/{vm}``, and the VM's id and tenant.
+
+    The recorder for anything that refuses or kills a VM for security reasons, e.g. the
+    launch gate (``kind=SECURITY_LAUNCH_GATE``) or a failed integrity check
+    (``SECURITY_INTEGRITY``); in the daemon, ``HostAudit.vm_security_event`` calls it
+    with the daemon's log. Not waited for by default (fsynced within the log's flush
+    interval); pass ``durable=True`` when an API answer depends on the record.
+    """
+    return sink.append(security_kind(kind), {
+        "source": clip(source), "detail": clip(detail),
+        "scope": clip(f"/tenants/{tenant}/vms/{vm}"), "tenant": clip(tenant),
+        "vm_id": clip(vm_id), "channel_offset": channel_offset,
         "time": timestamp(time.time() if when is None else when),
     }, durable=durable)
 
