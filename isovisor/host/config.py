@@ -59,7 +59,7 @@ class DaemonConfig:
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"cannot read {path}: {exc}") from exc
             known = {"state_dir", "ca_dir", "listen", "server_names", "bootstrap_admin",
-                     "audit"}
+                     "audit", "integrity"}
             unknown = set(data) - known
             if unknown:
                 raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
@@ -76,6 +76,8 @@ class DaemonConfig:
                 values[key] = tuple(value)
             elif key == "audit":  # checked by HostAuditConfig.from_table
                 values["extra"] = {**config.extra, "audit": dict(value)}
+            elif key == "integrity":  # checked by host.integrity.IntegritySettings
+                values["extra"] = {**config.extra, "integrity": dict(value)}
             else:
                 values[key] = value
         return replace(config, **values)

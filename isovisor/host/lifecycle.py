@@ -53,6 +53,9 @@ class VmLifecycle:
         self.images = images
         self.runner = runner
         self.observers: list[LifecycleObserver] = []
+        # Called before every launch; raises (LaunchRefused) to refuse it. The daemon sets
+        # it when integrity is configured (isovisor.host.integrity).
+        self.launch_gate: Callable[[Vm], None] | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._stop_watch = threading.Event()
@@ -108,6 +111,8 @@ class VmLifecycle:
                                    "stopped")
             vm = self._move(vm, VmState.STARTING, "start requested", actor, desired="running")
             try:
+                if self.launch_gate is not None:
+                    self.launch_gate(vm)
                 handle = self.runner.start(self._launch(vm))
             except HostError as exc:
                 self._move(vm, VmState.STOPPED, f"start failed: {exc.message}", DAEMON,

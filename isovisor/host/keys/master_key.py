@@ -1,0 +1,72 @@
+"""Where the host master key comes from: a `MasterKeySource`.
+
+`FileMasterKey` is the one in use: 32 random bytes in a root-only file (0600, owned by
+the daemon's user, no symlink followed) in the daemon's state directory, created on first
+use. A TPM-sealed source (issue #7's isovisor/security/tpm) implements the same
+`load() -> bytes` and replaces it in `HostService` without touching the hierarchy; until
+the TPM's seal/unseal API exists, the file is the source (docs/SECURITY.md, storage).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Protocol
+
+MASTER_KEY_BYTES = 32  # AES-256 key-encryption key
+
+
+class MasterKeyError(Exception):
+    """The master key cannot be used; the message names the file and says why."""
+
+
+class MasterKeySource(Protocol):
+    def load(self) -> bytes:
+        """The 32-byte master key (created on first use where the source can)."""
+        ...
+
+
+class FileMasterKey:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> bytes:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self._create()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise MasterKeyError(f"master key {self.path} is a symlink") from None
+            raise MasterKeyError(f"master key {self.path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise MasterKeyError(f"master key {self.path} is not a regular file")
+            if st.st_mode & 0o077:
+                raise MasterKeyError(f"master key {self.path} has mode "
+                                     f"{stat.S_IMODE(st.st_mode):04o}; it must be 0600")
+            if st.st_uid != os.geteuid():
+                raise MasterKeyError(f"master key {self.path} is owned by uid {st.st_uid}, "
+                                     f"not the daemon's ({os.geteuid()})")
+            key = os.read(fd, MASTER_KEY_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(key) != MASTER_KEY_BYTES:
+            raise MasterKeyError(f"master key {self.path} holds {len(key)} bytes, "
+                                 f"not {MASTER_KEY_BYTES}")
+        return key
+
+    def _create(self) -> bytes:
+        key = os.urandom(MASTER_KEY_BYTES)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return key
