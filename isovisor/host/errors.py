@@ -62,6 +62,14 @@ class AuditUnavailable(HostError):  # noqa: N818 (named after the error code)
     code = "AuditUnavailable"
 
 
+class LaunchRefused(HostError):  # noqa: N818 (named after the error code)
+    """The launch gate refused: the code, the platform measurements, the PCRs or the
+    policy failed a check (isovisor.host.integrity); the message names which."""
+
+    status = 503
+    code = "LaunchRefused"
+
+
 class RunnerError(HostError):
     """Launching or controlling a VM process failed."""
 
