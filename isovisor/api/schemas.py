@@ -60,6 +60,34 @@ class DiskBody(Model):
                            "otherwise the VM gets a private writable copy")
 
 
+class NicBody(Model):
+    network: str = Field(pattern=NAME, description="name of a network of this tenant")
+
+
+class NicOut(Model):
+    network: str
+    mac: str
+    ip: str
+
+
+class NetworkCreate(Model):
+    name: str = Field(pattern=NAME)
+    cidr: str = Field(max_length=18, description="IPv4 network, /16 to /29, e.g. 10.8.0.0/24")
+
+
+class NetworkOut(Model):
+    tenant: str
+    name: str
+    cidr: str
+    gateway: str = Field(description="the host's address: DHCP server, no routing")
+    created_at: str
+
+
+class NetworkPage(Model):
+    items: list[NetworkOut]
+    next_page_token: str | None
+
+
 class VmCreate(Model):
     name: str = Field(pattern=NAME)
     kernel: str = Field(pattern=NAME, description="name of an image of this tenant")
@@ -71,6 +99,9 @@ class VmCreate(Model):
     disks: list[DiskBody] = Field(default_factory=list, max_length=8,
                                   description="virtio-blk disks, vda, vdb, ... in order")
     rng: bool = Field(default=False, description="add a virtio-rng device")
+    nics: list[NicBody] = Field(default_factory=list, max_length=4,
+                                description="virtio-net NICs, eth0, eth1, ... in order, each on "
+                                "a network of this tenant (fixed MAC and IP, DHCP)")
     start: bool = Field(default=True, description="start the VM once created")
 
 
@@ -85,6 +116,7 @@ class VmOut(Model):
     cmdline: str
     disks: list[DiskBody]
     rng: bool
+    nics: list[NicOut] = Field(default_factory=list)
     state: str
     desired_state: str
     last_exit_status: int | None
@@ -98,7 +130,9 @@ class VmOut(Model):
                    memory_mib=v.memory_mib, kernel=v.kernel, initrd=v.initrd,
                    cmdline=v.cmdline,
                    disks=[DiskBody(image=d.image, readonly=d.readonly) for d in v.disks],
-                   rng=v.rng, state=v.state.value, desired_state=v.desired,
+                   rng=v.rng, nics=[NicOut(network=n.network, mac=n.mac, ip=n.ip)
+                                    for n in v.nics],
+                   state=v.state.value, desired_state=v.desired,
                    last_exit_status=v.last_exit_status, last_stop_reason=v.last_stop_reason,
                    created_at=v.created_at, started_at=v.started_at)
 

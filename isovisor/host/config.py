@@ -6,6 +6,7 @@ and then by command-line options.
     listen = "127.0.0.1:8443"            # the only listener: mutual TLS 1.3
     server_names = ["localhost"]         # DNS names in the server certificate
     bootstrap_admin = "admin"            # made Host Admin at / on start (optional)
+    network_namespace = "isovisor"       # holds tenant networks (made when first needed)
     [audit]                              # optional: see isovisor.security.audit.hooks
     checkpoint_records = 256             # (HostAuditConfig: checkpoints, syslog, ...)
 """
@@ -13,6 +14,7 @@ and then by command-line options.
 from __future__ import annotations
 
 import argparse
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 DEFAULT_STATE_DIR = Path("/var/lib/isovisor")
 DEFAULT_LISTEN = "127.0.0.1:8443"
+_NETNS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ConfigError(Exception):
@@ -33,6 +36,7 @@ class DaemonConfig:
     listen: str = DEFAULT_LISTEN
     server_names: tuple[str, ...] = ("localhost",)
     bootstrap_admin: str | None = None
+    network_namespace: str = "isovisor"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,7 +63,7 @@ class DaemonConfig:
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"cannot read {path}: {exc}") from exc
             known = {"state_dir", "ca_dir", "listen", "server_names", "bootstrap_admin",
-                     "audit", "integrity"}
+                     "network_namespace", "audit", "integrity"}
             unknown = set(data) - known
             if unknown:
                 raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
@@ -74,6 +78,11 @@ class DaemonConfig:
                 values[key] = Path(value)
             elif key == "server_names":
                 values[key] = tuple(value)
+            elif key == "network_namespace":
+                if not isinstance(value, str) or not _NETNS.match(value):
+                    raise ConfigError(f"network_namespace {value!r} is not a network "
+                                      "namespace name (letters, digits, '.', '_', '-')")
+                values[key] = value
             elif key == "audit":  # checked by HostAuditConfig.from_table
                 values["extra"] = {**config.extra, "audit": dict(value)}
             elif key == "integrity":  # checked by host.integrity.IntegritySettings
@@ -88,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/isovisor)")
     p.add_argument("--ca-dir", type=Path, help="CA directory (default STATE_DIR/ca)")
     p.add_argument("--listen", help="HOST:PORT for the mutual-TLS API (default 127.0.0.1:8443)")
+    p.add_argument("--network-namespace", metavar="NAME",
+                   help="network namespace for tenant networks (default isovisor; "
+                   "made when the first network is created)")
     p.add_argument("--bootstrap-admin", metavar="NAME",
                    help="make NAME Host Admin at / (its certificate goes to STATE_DIR/admin/)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

@@ -52,6 +52,8 @@ class VmLifecycle:
         self.vms = vms
         self.images = images
         self.runner = runner
+        # `--net` values of a VM's NICs (HostService sets it to its NetworkService's)
+        self.net_options: Callable[[str], tuple[str, ...]] = lambda _vm_id: ()
         self.observers: list[LifecycleObserver] = []
         # Called before every launch; raises (LaunchRefused) to refuse it. The daemon sets
         # it when integrity is configured (isovisor.host.integrity).
@@ -94,7 +96,7 @@ class VmLifecycle:
         return Launch(vm_id=vm.id, kernel=self.images.path(vm.tenant, vm.kernel),
                       initrd=self.images.path(vm.tenant, vm.initrd) if vm.initrd else None,
                       cmdline=vm.cmdline, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
-                      disks=disks, rng=vm.rng)
+                      disks=disks, rng=vm.rng, nets=self.net_options(vm.id))
 
     # -- operations -----------------------------------------------------------------------
 

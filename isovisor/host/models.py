@@ -70,6 +70,17 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class VmNic:
+    """A VM's network interface on a tenant network (isovisor.host.network): fixed MAC
+    and IP, assigned when the VM is created."""
+
+    id: str
+    network: str
+    mac: str
+    ip: str
+
+
+@dataclass(frozen=True)
 class Vm:
     tenant: str
     name: str
@@ -89,6 +100,7 @@ class Vm:
     started_at: str | None
     disks: tuple[Disk, ...] = ()
     rng: bool = False
+    nics: tuple[VmNic, ...] = ()  # filled by VmStore from the nics table
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Vm:

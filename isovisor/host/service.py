@@ -16,6 +16,9 @@ from isovisor.host.keys.hierarchy import KeyHierarchy
 from isovisor.host.keys.master_key import FileMasterKey
 from isovisor.host.lifecycle import VmLifecycle
 from isovisor.host.models import RoleAssignment, Vm
+from isovisor.host.network.plumbing import NetworkPlumbing
+from isovisor.host.network.service import NetworkService
+from isovisor.host.network.store import NetworkStore
 from isovisor.host.runner import SubprocessRunner, VmRunner
 from isovisor.host.tenants import TenantStore
 from isovisor.host.vms import VmSpec, VmStore
@@ -24,10 +27,13 @@ from isovisor.security.rbac import ROOT, Scope
 log = logging.getLogger(__name__)
 DB_FILE = "isovisord.sqlite3"
 MASTER_KEY_FILE = "master.key"
+# The network namespace holding tenant networks (bridges, TAPs, nftables, dnsmasqs).
+DEFAULT_NETWORK_NAMESPACE = "isovisor"
 
 
 class HostService:
-    def __init__(self, state_dir: Path, runner: VmRunner | None = None) -> None:
+    def __init__(self, state_dir: Path, runner: VmRunner | None = None,
+                 network_namespace: str = DEFAULT_NETWORK_NAMESPACE) -> None:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state_dir = state_dir
         self.db = Database(state_dir / DB_FILE)
@@ -43,10 +49,14 @@ class HostService:
         self.runner: VmRunner = runner if runner is not None else SubprocessRunner(
             state_dir / "run")
         self.lifecycle = VmLifecycle(self.vms, self.images, self.runner)
+        self.networks = NetworkService(NetworkStore(self.db), NetworkPlumbing(
+            network_namespace, state_dir / "net"))
+        self.lifecycle.net_options = self.networks.net_options
         self._open = False
 
     def open(self) -> dict[str, str]:
         """Reconcile with the VM processes that survived a restart; watch for exits."""
+        self.networks.reconcile()  # bridges, TAPs, rules, dnsmasqs before any VM runs
         report = self.lifecycle.reconcile()
         for vm_id, what in report.items():
             log.info("reconcile: VM %s: %s", vm_id, what)
@@ -70,13 +80,23 @@ class HostService:
 
     def create_vm(self, tenant: str, spec: VmSpec, start: bool, actor: str) -> Vm:
         vm = self.vms.create(tenant, spec)
+        if vm.nics:
+            try:
+                self.networks.attach_vm(vm.id)
+            except BaseException:
+                nics = self.networks.store.nics_of_vm(vm.id)
+                self.vms.delete(vm.id)
+                self.networks.detach(nics)
+                raise
         self.lifecycle.created(vm, actor)
         if start:
             vm = self.lifecycle.start(vm, actor)
         return vm
 
     def delete_vm(self, vm: Vm, actor: str) -> None:
+        nics = self.networks.store.nics_of_vm(vm.id)
         self.lifecycle.delete(vm, actor)
+        self.networks.detach(nics)  # the VM's TAPs and rules go with it
         self.access.delete_scope(Scope.vm(vm.tenant, vm.name))
 
     def delete_tenant(self, name: str) -> None:

@@ -76,12 +76,12 @@ class TenantStore:
         return Quota(int(row[0]), int(row[1]), int(row[2]))
 
     def delete(self, name: str) -> None:
-        """Only an empty tenant (no VMs, no images) can be deleted; its role assignments go
-        with it."""
+        """Only an empty tenant (no VMs, images or networks) can be deleted; its role
+        assignments go with it."""
         with self.db.write() as conn:
             if conn.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone() is None:
                 raise NotFound(f"tenant {name!r} not found")
-            for table, what in (("vms", "VMs"), ("images", "images")):
+            for table, what in (("vms", "VMs"), ("images", "images"), ("networks", "networks")):
                 if conn.execute(f"SELECT 1 FROM {table} WHERE tenant = ?", (name,)).fetchone():
                     raise Conflict(f"tenant {name!r} still has {what}; delete them first")
             conn.execute("DELETE FROM role_definitions WHERE scope = ? OR scope LIKE ?",

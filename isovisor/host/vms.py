@@ -6,11 +6,12 @@ import json
 import sqlite3
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from isovisor.host.db import Database
 from isovisor.host.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
-from isovisor.host.models import Disk, Page, Vm, VmState, check_name, now
+from isovisor.host.models import Disk, Page, Vm, VmNic, VmState, check_name, now
+from isovisor.host.network.store import MAX_NICS, NetworkStore
 from isovisor.host.paging import paginate
 
 MAX_VCPUS = 64
@@ -29,6 +30,7 @@ class VmSpec:
     cmdline: str = ""
     disks: tuple[Disk, ...] = ()
     rng: bool = False
+    nics: tuple[str, ...] = ()  # names of networks of the VM's tenant, one NIC each
 
     def check(self) -> VmSpec:
         check_name("VM", self.name)
@@ -44,6 +46,10 @@ class VmSpec:
             raise InvalidRequest(f"at most {MAX_DISKS} disks")
         for disk in self.disks:
             check_name("image", disk.image)
+        if len(self.nics) > MAX_NICS:
+            raise InvalidRequest(f"at most {MAX_NICS} NICs")
+        for network in self.nics:
+            check_name("network", network)
         if len(self.cmdline) > MAX_CMDLINE or not self.cmdline.isprintable():
             raise InvalidRequest(f"cmdline must be printable and at most {MAX_CMDLINE} characters")
         return self
@@ -91,27 +97,38 @@ class VmStore:
                                  for d in spec.disks]), int(spec.rng)))
             except sqlite3.IntegrityError:
                 raise Conflict(f"VM {spec.name!r} already exists") from None
+            vm_id = conn.execute("SELECT id FROM vms WHERE tenant = ? AND name = ?",
+                                 (tenant, spec.name)).fetchone()[0]
+            NetworkStore.allocate_nics(conn, tenant, vm_id, spec.nics)
         return self.get(tenant, spec.name)
+
+    def _load(self, row: sqlite3.Row) -> Vm:
+        vm = Vm.from_row(row)
+        nics = self.db.conn.execute(
+            "SELECT nics.id, networks.name, nics.mac, nics.ip FROM nics JOIN networks "
+            "ON networks.id = nics.network_id WHERE nics.vm_id = ? ORDER BY nics.slot",
+            (vm.id,)).fetchall()
+        return replace(vm, nics=tuple(VmNic(*n) for n in nics)) if nics else vm
 
     def get(self, tenant: str, name: str) -> Vm:
         row = self.db.conn.execute("SELECT * FROM vms WHERE tenant = ? AND name = ?",
                                    (tenant, name)).fetchone()
         if row is None:
             raise NotFound(f"VM {name!r} not found")
-        return Vm.from_row(row)
+        return self._load(row)
 
     def by_id(self, vm_id: str) -> Vm | None:
         row = self.db.conn.execute("SELECT * FROM vms WHERE id = ?", (vm_id,)).fetchone()
-        return None if row is None else Vm.from_row(row)
+        return None if row is None else self._load(row)
 
     def page(self, tenant: str, limit: int | None, token: str | None,
              keep: Callable[[Vm], bool]) -> Page[Vm]:
         return paginate(self.db.conn, "SELECT * FROM vms WHERE tenant = ?", (tenant,), "name",
-                        Vm.from_row, limit, token, keep)
+                        self._load, limit, token, keep)
 
     def active(self) -> list[Vm]:
         rows = self.db.conn.execute("SELECT * FROM vms WHERE state != ?", (VmState.STOPPED,))
-        return [Vm.from_row(r) for r in rows]
+        return [self._load(r) for r in rows]
 
     def update(self, vm_id: str, **fields: object) -> Vm:
         fields["updated_at"] = now()

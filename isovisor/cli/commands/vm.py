@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         help="a virtio-blk disk from an image (repeatable; writable disks "
                         "are private copies)")
     create.add_argument("--rng", action="store_true", help="add a virtio-rng device")
+    create.add_argument("--nic", action="append", default=[], metavar="NETWORK",
+                        help="a virtio-net NIC on a network of the tenant (repeatable; fixed "
+                        "MAC and IP, see `isovisor network`)")
     create.add_argument("--no-start", action="store_true", help="create it stopped")
     cmd("list", "VMs of the tenant", cmd_list, named=False)
     cmd("show", "one VM", cmd_show)
@@ -85,7 +88,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     body = {"name": args.name, "kernel": args.kernel, "initrd": args.initrd,
             "cmdline": args.cmdline, "vcpus": args.vcpus, "memoryMiB": args.memory >> 20,
             "disks": [_disk(d) for d in args.disk], "rng": args.rng,
-            "start": not args.no_start}
+            "nics": [{"network": n} for n in args.nic], "start": not args.no_start}
     with api(args) as client:
         # one key per invocation: a retry inside the client never creates two VMs
         vm = client.post(f"{_base(args)}/vms", json=body,
