@@ -33,7 +33,11 @@ from typing import Any
 from isovisor.host.errors import LaunchRefused
 from isovisor.host.lifecycle import VmLifecycle
 from isovisor.host.models import Vm
-from isovisor.security.audit.recorders import AuditSink, record_security_event
+from isovisor.security.audit.recorders import (
+    AuditSink,
+    record_security_event,
+    record_vm_security_event,
+)
 from isovisor.security.integrity.errors import IntegrityError
 from isovisor.security.integrity.gate import (
     CODE_PCR,
@@ -136,13 +140,19 @@ class HostIntegrity:
         try:
             return self.gate.check()
         except GateRefusal as exc:
-            self._audit(exc, scope=None)
+            self._audit(exc, None)
             log.error("launch gate at start: %s", exc.message)
             return None
 
-    def _audit(self, refusal: GateRefusal, scope: str | None) -> None:
-        record_security_event(self.audit, kind=refusal.kind, source=SOURCE,
-                              detail=refusal.message, scope=scope)
+    def _audit(self, refusal: GateRefusal, vm: Vm | None) -> None:
+        """Fsynced before the API answers (the answer depends on the record)."""
+        if vm is None:
+            record_security_event(self.audit, kind=refusal.kind, source=SOURCE,
+                                  detail=refusal.message)
+        else:
+            record_vm_security_event(self.audit, kind=refusal.kind, source=SOURCE,
+                                     detail=refusal.message, tenant=vm.tenant, vm=vm.name,
+                                     vm_id=vm.id, durable=True)
 
     def check_launch(self, vm: Vm) -> None:
         """The lifecycle's launch gate: raises LaunchRefused (503) with the precise reason
@@ -152,7 +162,7 @@ class HostIntegrity:
         try:
             self.gate.check()
         except GateRefusal as exc:
-            self._audit(exc, scope=f"/tenants/{vm.tenant}/vms/{vm.name}")
+            self._audit(exc, vm)
             raise LaunchRefused(exc.message) from exc
 
     def close(self) -> None:

@@ -76,7 +76,8 @@ def test_tampered_code_refuses_the_next_vm_start(
     records = _security_records(state, "security.integrity-failure")
     assert len(records) == 1 and str(victim) in str(records[0]["detail"])
     assert records[0]["scope"] == "/tenants/a/vms/second"
-    assert records[0]["source"] == "isovisord"
+    assert records[0]["source"] == "isovisord" and records[0]["tenant"] == "a"
+    assert records[0]["vm_id"]
 
 
 def test_kernel_parameter_outside_policy_refuses_start(tmp_path: Path) -> None:

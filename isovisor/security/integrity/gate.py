@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isovisor.security.audit.recorders import SECURITY_INTEGRITY, SECURITY_LAUNCH_GATE
 from isovisor.security.integrity.errors import IntegrityError, ManifestError, PolicyError
 from isovisor.security.integrity.eventlog import Event, EventLog, EventLogFile
 from isovisor.security.integrity.manifest import Manifest, verify_manifest
@@ -43,8 +44,8 @@ log = logging.getLogger(__name__)
 # configuration, 13 for isovisor's code. docs/SECURITY.md says why not 16 or 23.
 PLATFORM_PCR = 12
 CODE_PCR = 13
-KIND_INTEGRITY = "integrity-failure"  # the audit record kinds (security.<kind>)
-KIND_GATE = "launch-gate-refused"
+KIND_INTEGRITY = SECURITY_INTEGRITY  # the audit record kinds (security.<kind>)
+KIND_GATE = SECURITY_LAUNCH_GATE
 
 
 class LaunchRefused(IntegrityError):  # noqa: N818 (a decision, not a fault)
