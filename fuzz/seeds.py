@@ -343,6 +343,17 @@ def runner_state() -> Iterator[bytes]:
 
 
 @seeds
+def event_channel() -> Iterator[bytes]:
+    from isovisor.security.audit import event_channel as ec
+
+    good = ec.encode_line("virtio-needs-reset", "virtio-rng@0xd0000000", "loop", 1.5e9)
+    yield Writer().blob(good * 3).u8(0).raw(good).bytes()
+    yield Writer().blob(good + b'{"v":1}\n' + good[:40]).u8(0).raw(good[40:]).bytes()
+    yield Writer().blob(b"x" * (ec.MAX_LINE_BYTES + 10) + b"\n" + good).u8(1).bytes()
+    yield Writer().blob(good.replace(b"1500000000", b"NaN")).u8(1).raw(b"\xff\n").bytes()
+
+
+@seeds
 def vsock_host() -> Iterator[bytes]:
     yield Writer().blob(b"CONNECT 1234\n").bytes()
     yield Writer().blob(b"CONN").u8(0).blob(b"ECT 4294967295\n").bytes()

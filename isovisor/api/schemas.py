@@ -55,9 +55,33 @@ class QuotaOut(Model):
 
 
 class DiskBody(Model):
-    image: str = Field(pattern=NAME, description="name of an image of this tenant")
-    readonly: bool = Field(default=False, description="share the image read-only; "
-                           "otherwise the VM gets a private writable copy")
+    image: str | None = Field(default=None, pattern=NAME,
+                              description="name of an image of this tenant")
+    disk: str | None = Field(default=None, pattern=NAME,
+                             description="name of a disk of this tenant (encrypted at rest); "
+                             "exactly one of image and disk")
+    readonly: bool = Field(default=False, description="read-only; a writable image gets a "
+                           "private encrypted copy per VM")
+
+
+class DiskCreate(Model):
+    name: str = Field(pattern=NAME)
+    size_mib: int = Field(ge=1, le=1 << 20, validation_alias="sizeMiB",
+                          serialization_alias="sizeMiB")
+
+
+class DiskOut(Model):
+    tenant: str
+    name: str
+    size_mib: int = Field(validation_alias="sizeMiB", serialization_alias="sizeMiB")
+    encryption: str = Field(description="always aes-xts-plain64 (AES-XTS-256, 512-byte "
+                            "sectors); the key never leaves the host")
+    created_at: str
+
+
+class DiskPage(Model):
+    items: list[DiskOut]
+    next_page_token: str | None
 
 
 class NicBody(Model):
@@ -129,7 +153,8 @@ class VmOut(Model):
         return cls(tenant=v.tenant, name=v.name, id=v.id, vcpus=v.vcpus,
                    memory_mib=v.memory_mib, kernel=v.kernel, initrd=v.initrd,
                    cmdline=v.cmdline,
-                   disks=[DiskBody(image=d.image, readonly=d.readonly) for d in v.disks],
+                   disks=[DiskBody(image=d.image, disk=d.disk, readonly=d.readonly)
+                          for d in v.disks],
                    rng=v.rng, nics=[NicOut(network=n.network, mac=n.mac, ip=n.ip)
                                     for n in v.nics],
                    state=v.state.value, desired_state=v.desired,

@@ -77,7 +77,7 @@ class ImageStore:
             for vm, kernel, initrd, disks in conn.execute(
                     "SELECT name, kernel, initrd, disks FROM vms WHERE tenant = ?", (tenant,)):
                 if name in (kernel, initrd) or any(
-                        d["image"] == name for d in json.loads(disks)):
+                        d.get("image") == name for d in json.loads(disks)):
                     raise Conflict(f"image {name!r} is used by VM {vm!r}")
             try:
                 conn.execute("DELETE FROM images WHERE tenant = ? AND name = ?", (tenant, name))

@@ -62,11 +62,22 @@ class Tenant:
 
 @dataclass(frozen=True)
 class Disk:
-    """A virtio-blk disk from a tenant image: read-only shares the image; writable gets
-    a private copy per VM, made at first start and deleted with the VM."""
+    """A VM's virtio-blk disk: one of the tenant's disks by name (`disk`: encrypted at
+    rest, isovisor.host.disks), or a tenant image (`image`): read-only shares the image;
+    writable gets a private encrypted copy per VM, made at first start and shredded with
+    the VM."""
 
-    image: str
+    image: str | None = None
     readonly: bool = False
+    disk: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        doc: dict[str, object] = {"readonly": self.readonly}
+        if self.image is not None:
+            doc["image"] = self.image
+        if self.disk is not None:
+            doc["disk"] = self.disk
+        return doc
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,8 @@ class Vm:
     def from_row(cls, row: sqlite3.Row) -> Vm:
         d = dict(row)
         d["state"] = VmState(d["state"])
-        d["disks"] = tuple(Disk(x["image"], bool(x["readonly"])) for x in json.loads(d["disks"]))
+        d["disks"] = tuple(Disk(x.get("image"), bool(x["readonly"]), x.get("disk"))
+                           for x in json.loads(d["disks"]))
         d["rng"] = bool(d["rng"])
         return cls(**d)
 

@@ -93,8 +93,7 @@ class VmStore:
                     (tenant, spec.name, uuid.uuid4().hex, spec.vcpus, spec.memory_mib,
                      spec.kernel, spec.initrd, spec.cmdline, "stopped", VmState.STOPPED,
                      stamp, stamp,
-                     json.dumps([{"image": d.image, "readonly": d.readonly}
-                                 for d in spec.disks]), int(spec.rng)))
+                     json.dumps([d.to_json() for d in spec.disks]), int(spec.rng)))
             except sqlite3.IntegrityError:
                 raise Conflict(f"VM {spec.name!r} already exists") from None
             vm_id = conn.execute("SELECT id FROM vms WHERE tenant = ? AND name = ?",

@@ -47,7 +47,8 @@ def create_vm(tenant: str, body: VmCreate, ctx: Ctx, svc: Svc,
     ctx.authorize(actions.VMS_WRITE, Scope.tenant(tenant))
     spec = VmSpec(name=body.name, kernel=body.kernel, vcpus=body.vcpus,
                   memory_mib=body.memory_mib, initrd=body.initrd, cmdline=body.cmdline,
-                  disks=tuple(Disk(d.image, d.readonly) for d in body.disks), rng=body.rng,
+                  disks=tuple(Disk(d.image, d.readonly, d.disk) for d in body.disks),
+                  rng=body.rng,
                   nics=tuple(n.network for n in body.nics))
     return idempotent_create(ctx, svc, idempotency_key, body, lambda: VmOut.of(
         svc.create_vm(tenant, spec, body.start, ctx.principal)))

@@ -46,6 +46,7 @@ log = logging.getLogger("isovisor.security.audit")
 
 OFFSET_FILE = "events.offset"
 POLL_SECONDS = 0.25
+MAX_CHUNKS_PER_POLL = 4  # of event_channel.READ_CHUNK bytes
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,9 @@ class VmEventWatcher:
     def _drain(self, v: _Vm, *, final: bool) -> None:
         with v.lock:
             try:
-                while True:
+                # A poll reads a few chunks; a final read (the VMM has exited) reads to
+                # the end, which MAX_CHANNEL_BYTES bounds.
+                for _ in range(MAX_CHUNKS_PER_POLL if not final else 1 << 30):
                     start = v.reader.offset
                     items = v.reader.read(final=final)
                     for item in items:

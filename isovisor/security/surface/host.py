@@ -207,6 +207,9 @@ def _path_hints(module: str, function: str) -> list[str]:
 
 def runtime_entries() -> list[Entry]:
     """Host files the VMM side reads back that other local processes might write."""
+    from isovisor.host import runner
+    from isovisor.security.audit import event_channel as ec
+    from isovisor.security.audit import vm_events
     from isovisor.vmm import emulator_probe as ep
     from isovisor.worker import ids
 
@@ -223,6 +226,17 @@ def runtime_entries() -> list[Entry]:
             source=qualname(ids.IdAllocator),
             details=details(directory=str(ids.DEFAULT_LEASE_DIR),
                             id_range=[hexa(ids.ID_RANGE_START), ids.ID_RANGE_SIZE]),
+        ),
+        Entry(
+            id="host:runtime/vmm-security-events", boundary=VMM_HOST,
+            source=qualname(ec.ChannelReader),
+            details=details(file=f"RUN_DIR/{runner.SECURITY_EVENTS}",
+                            writer="isovisor run --security-events (host side of the worker)",
+                            reader=qualname(vm_events.VmEventWatcher),
+                            parser=qualname(ec.parse_event_line),
+                            max_line_bytes=ec.MAX_LINE_BYTES, read_chunk=ec.READ_CHUNK,
+                            max_channel_bytes=ec.MAX_CHANNEL_BYTES,
+                            writer_max_bytes=ec.WRITER_MAX_BYTES),
         ),
     ]
 
