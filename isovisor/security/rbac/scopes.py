@@ -1,5 +1,5 @@
 """Hierarchical scopes: `/`, `/tenants/{t}`, `/tenants/{t}/vms/{v}`, `/tenants/{t}/images/{i}`,
-`/tenants/{t}/networks/{n}`.
+`/tenants/{t}/networks/{n}`, `/tenants/{t}/disks/{d}`.
 
 A scope is parsed once into a `Scope` (a tuple of (collection, name) pairs) and compared
 structurally, never as strings: `/tenants/a` is not an ancestor of `/tenants/ab`."""
@@ -16,7 +16,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # What may sit under what; anything else is not a scope.
 CHILDREN: dict[str | None, frozenset[str]] = {
     None: frozenset({"tenants"}),
-    "tenants": frozenset({"vms", "images", "networks"}),
+    "tenants": frozenset({"vms", "images", "networks", "disks"}),
 }
 MAX_DEPTH = 2
 
@@ -61,6 +61,10 @@ class Scope:
     @classmethod
     def network(cls, tenant: str, network: str) -> Scope:
         return cls((("tenants", tenant), ("networks", network)))
+
+    @classmethod
+    def disk(cls, tenant: str, disk: str) -> Scope:
+        return cls((("tenants", tenant), ("disks", disk)))
 
     def contains(self, other: Scope) -> bool:
         """True when `other` is this scope or lies below it."""
