@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from isovisor import __version__
 from isovisor.api import errors
 from isovisor.api.pipeline import RequestGuard, RequestObserver, RequestPipeline
-from isovisor.api.routes import access, audit, host, images, networks, tenants, vms
+from isovisor.api.routes import access, audit, disks, host, images, networks, tenants, vms
 from isovisor.host.service import HostService
 from isovisor.security.pki import RevocationList
 
@@ -45,7 +45,7 @@ def create_app(service: HostService, revocations: RevocationList | None) -> Api:
                   redirect_slashes=False)  # a trailing slash is a 404, not a redirect (F-001)
     app.state.service = service
     errors.install(app)
-    for module in (tenants, vms, images, networks, access, host, audit):
+    for module in (tenants, vms, images, networks, disks, access, host, audit):
         app.include_router(module.router)
     observers: list[RequestObserver] = []
     guards: list[RequestGuard] = []

@@ -138,6 +138,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (tenant, name)
     )
     """,
+    # 5: a VM's private encrypted copy of a writable image disk is a disk row owned by
+    # the VM (hidden from the API; name `~VMID-INDEX`), shredded with the VM
+    """
+    ALTER TABLE disks ADD COLUMN vm_id TEXT
+    """,
 ]
 
 
