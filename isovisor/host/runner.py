@@ -128,7 +128,9 @@ def proc_start_ticks(pid: int) -> int | None:
 
 def default_command(launch: Launch, console: Path) -> list[str]:
     """`isovisor run` for this launch (the jailed worker replaces this in one place)."""
-    cmd = [sys.executable, "-m", "isovisor.cli.main", "run", "--kernel", str(launch.kernel),
+    # -B: a VMM writes no bytecode (the signed manifest lists the bytecode it may load)
+    cmd = [sys.executable, "-B", "-m", "isovisor.cli.main", "run", "--kernel",
+           str(launch.kernel),
            "--memory", f"{launch.memory_mib}M", "--vcpus", str(launch.vcpus),
            "--serial", f"file:{console}",
            "--serial-input", f"unix:{monitor.SERIAL_SOCKET}",  # relative to RUN_DIR
@@ -164,6 +166,7 @@ class SubprocessRunner:
         env = {k: v for k, v in os.environ.items()
                if k in ("PATH", "LANG", "PYTHONPATH") or k.startswith("ISOVISOR_")}
         env[VM_ID_ENV] = launch.vm_id
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # and so does everything it starts
         try:
             with open(run_dir / "monitor.log", "wb") as log:
                 status = subprocess.run(argv, stdin=subprocess.DEVNULL,

@@ -33,6 +33,37 @@ ROOT_TMPFS_OPTIONS = "size=64k,nr_inodes=64,mode=0555"
 SKELETON = ("dev", "proc", "tmp")  # empty directories, kept for tools' expectations
 
 
+def code_paths() -> list[str]:
+    """Where the code a VMM process runs comes from: isovisor's package and the
+    interpreter's prefixes (the venv with its site-packages, the base installation)."""
+    import sys
+
+    import isovisor
+
+    found = {os.path.realpath(p) for p in (os.path.dirname(isovisor.__file__), sys.prefix,
+                                           sys.base_prefix) if p}
+    # a path inside another listed one is covered by that one's recursive bind
+    return sorted(p for p in found
+                  if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in found))
+
+
+def read_only_code_view(paths: list[str]) -> None:
+    """Zygote, before it imports the VMM: a private mount namespace in which every code
+    path is a read-only bind of itself, so neither the zygote nor a worker (before its
+    pivot_root, after which no host path exists) can change code a later launch runs.
+    Raises JailError (the zygote then fails to start: fail closed)."""
+    from isovisor.worker.namespaces import CLONE_NEWNS
+
+    try:
+        libc.unshare(CLONE_NEWNS)
+        libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
+        for p in paths:
+            libc.mount(p, p, None, MS_BIND | MS_REC)
+            libc.mount(None, p, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    except OSError as exc:
+        raise _fail("code-view", "making the code paths read-only", exc) from None
+
+
 def prepare_mount_point(path: str = JAIL_MOUNT_POINT) -> None:
     """Host side: create the (empty) mount point directory."""
     os.makedirs(path, mode=0o700, exist_ok=True)

@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+        # Everything below imports from a read-only view of the code (and writes no
+        # bytecode: the launcher sets PYTHONDONTWRITEBYTECODE).
+        mounts.read_only_code_view(mounts.code_paths())
         facts, info = prepare()
     except Exception as exc:
         protocol.send(sock, OP_ZYGOTE_FAILED, {"detail": f"{type(exc).__name__}: {exc}"})
