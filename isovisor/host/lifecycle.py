@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from isovisor.host.disks import DiskStore
 from isovisor.host.errors import HostError, InvalidState, RunnerError
 from isovisor.host.images import ImageStore
-from isovisor.host.models import ACTIVE_STATES, Vm, VmState, now
+from isovisor.host.models import ACTIVE_STATES, Disk, Vm, VmState, now
 from isovisor.host.runner import Launch, VmHandle, VmMetrics, VmRunner
 from isovisor.host.vms import VmStore
 
@@ -52,6 +53,8 @@ class VmLifecycle:
         self.vms = vms
         self.images = images
         self.runner = runner
+        # Encrypted disks and private copies (HostService sets it; issue #9)
+        self.disks: DiskStore | None = None
         # `--net` values of a VM's NICs (HostService sets it to its NetworkService's)
         self.net_options: Callable[[str], tuple[str, ...]] = lambda _vm_id: ()
         self.observers: list[LifecycleObserver] = []
@@ -89,14 +92,30 @@ class VmLifecycle:
         return VmHandle.from_json(vm.handle)
 
     def _launch(self, vm: Vm) -> Launch:
-        disks = tuple(
-            (self.images.path(vm.tenant, d.image), True) if d.readonly
-            else (self.images.vm_disk(vm.tenant, d.image, vm.id, i), False)
-            for i, d in enumerate(vm.disks))
+        disks: list[tuple[Path, bool]] = []
+        keys: list[bytes | None] = []
+        for i, d in enumerate(vm.disks):
+            path, key = self._disk(vm, i, d)
+            disks.append((path, d.readonly))
+            keys.append(key)
         return Launch(vm_id=vm.id, kernel=self.images.path(vm.tenant, vm.kernel),
                       initrd=self.images.path(vm.tenant, vm.initrd) if vm.initrd else None,
                       cmdline=vm.cmdline, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
-                      disks=disks, rng=vm.rng, nets=self.net_options(vm.id))
+                      disks=tuple(disks), disk_keys=tuple(keys), rng=vm.rng, nets=self.net_options(vm.id))
+
+    def _disk(self, vm: Vm, index: int, d: Disk) -> tuple[Path, bytes | None]:
+        """A disk's image and key: a tenant disk (by name, this tenant's only), a shared
+        read-only image (no key: the tenant's upload, which the guest cannot change), or
+        the VM's private encrypted copy of a writable image."""
+        if d.disk is not None:
+            assert self.disks is not None
+            return self.disks.open_for_vm(vm.tenant, d.disk)
+        assert d.image is not None
+        if d.readonly:
+            return self.images.path(vm.tenant, d.image), None
+        if self.disks is None:  # no key hierarchy: a plain private copy
+            return self.images.vm_disk(vm.tenant, d.image, vm.id, index), None
+        return self.disks.vm_copy(vm.tenant, vm.id, index, self.images.path(vm.tenant, d.image))
 
     # -- operations -----------------------------------------------------------------------
 
@@ -171,6 +190,8 @@ class VmLifecycle:
             if handle is not None:
                 shutil.rmtree(VmHandle.from_json(handle).run_dir, ignore_errors=True)
             self.images.delete_vm_disks(vm.id)
+            if self.disks is not None:
+                self.disks.delete_vm_copies(vm.tenant, vm.id)  # shredded (issue #9)
             self.notify(vm, vm.state, None, "deleted", actor)
         with self._locks_guard:
             self._locks.pop(vm.id, None)

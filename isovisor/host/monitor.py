@@ -80,8 +80,13 @@ def main(argv: list[str]) -> int:
     serial = _listen(Path(SERIAL_SOCKET))
     inputs = _listen(Path(INPUT_SOCKET))
     log = open(VMM_LOG, "ab")  # noqa: SIM115 (lives as long as the process)
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    # stdin: what the daemon gave the monitor, /dev/null or a pipe holding the VM's disk
+    # keys (`--disk PATH,keyfd=0`); the monitor lets go of it once the VMM has it.
+    child = subprocess.Popen(command, stdin=0, stdout=log, stderr=log,
                              preexec_fn=_die_with_parent, close_fds=True)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     children.append(child)
     _write_atomic(run_dir / CHILD_PID, str(child.pid))
     if stop_requested:  # SIGTERM arrived while the VMM was being spawned

@@ -49,6 +49,7 @@ class HostService:
         self.runner: VmRunner = runner if runner is not None else SubprocessRunner(
             state_dir / "run")
         self.lifecycle = VmLifecycle(self.vms, self.images, self.runner)
+        self.lifecycle.disks = self.disks
         self.networks = NetworkService(NetworkStore(self.db), NetworkPlumbing(
             network_namespace, state_dir / "net"))
         self.lifecycle.net_options = self.networks.net_options

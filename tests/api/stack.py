@@ -5,6 +5,7 @@ API and RBAC are under test; the real runner is tested in tests/host)."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from isovisor.api.tls import client_context
 from isovisor.host.runner import Launch, VmExit, VmHandle, VmMetrics
 from isovisor.host.service import HostService
 from isovisor.security.pki import CertificateAuthority
+from tests.devices.virtio import netns
 
 
 class InertRunner:
@@ -113,6 +115,20 @@ class Stack:
     def close(self) -> None:
         self.server.stop()
         self.service.close()
+        remove_network_namespace(self.service.networks.netns)
+
+
+def stack_network_namespace() -> str:
+    """A network namespace name of this test process for a HostService's tenant networks:
+    made only when a test creates a network, swept like every `isvtest-PID-N` namespace,
+    so no stack ever touches the host's own `isovisor` namespace."""
+    return f"{netns.PREFIX}{os.getpid()}-{next(netns._counter)}"
+
+
+def remove_network_namespace(name: str) -> None:
+    if os.path.exists(f"/run/netns/{name}"):
+        netns._kill_inside(name)  # the networks' dnsmasqs
+        netns._ip("netns", "del", name, check=False)
 
 
 def build_stack(root: Path, runner: object | None = None) -> Stack:
@@ -124,7 +140,8 @@ def build_stack(root: Path, runner: object | None = None) -> Stack:
     cert.write_bytes(server.cert_pem)
     key.write_bytes(server.key_pem)
     service = HostService(root / "state",
-                          runner=runner or InertRunner(root / "run"))  # type: ignore[arg-type]
+                          runner=runner or InertRunner(root / "run"),  # type: ignore[arg-type]
+                          network_namespace=stack_network_namespace())
     service.open()
     tls = TlsFiles(ca.cert_path, ca.crl_path, cert, key)
     revocations = tls.revocation_list()

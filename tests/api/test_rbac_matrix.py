@@ -31,6 +31,7 @@ ALL = {
     "tenants/read", "tenants/write", "tenants/delete", "quotas/read", "quotas/write",
     "vms/read", "vms/write", "vms/delete", "vms/metrics/read", *VM_OPS,
     "images/read", "images/write", "images/delete",
+    "networks/read", "networks/write", "networks/delete",
     "roleAssignments/read", "roleAssignments/write", "roleAssignments/delete",
     "roleDefinitions/read", "roleDefinitions/write", "roleDefinitions/delete",
     "audit/read", "host/read",
@@ -72,6 +73,17 @@ def _vm(svc: HostService, tenant: str, state: str = "stopped") -> str:
                        actor="test")
     if state == "paused":
         svc.lifecycle.pause(vm, "test")
+    return name
+
+
+def _cidr() -> str:
+    n = _n()
+    return f"10.{100 + n // 250}.{n % 250}.0/29"
+
+
+def _network(svc: HostService, tenant: str) -> str:
+    name = f"net-{_n()}"
+    svc.networks.create(tenant, name, _cidr())
     return name
 
 
@@ -138,6 +150,16 @@ ENDPOINTS: dict[tuple[str, str], tuple[str | None, str, Prepare]] = {
     ("DELETE", "/v1/tenants/{tenant}/images/{image}"): (
         "images/delete", "tenant",
         lambda s, t: Target({"tenant": t, "image": _image(s, t)})),
+    ("GET", "/v1/tenants/{tenant}/networks"): ("networks/read", "tenant",
+                                              lambda s, t: Target({"tenant": t})),
+    ("POST", "/v1/tenants/{tenant}/networks"): (
+        "networks/write", "tenant",
+        lambda s, t: Target({"tenant": t}, {"name": f"n-{_n()}", "cidr": _cidr()})),
+    ("GET", "/v1/tenants/{tenant}/networks/{network}"): (
+        "networks/read", "tenant", lambda s, t: Target({"tenant": t, "network": "base"})),
+    ("DELETE", "/v1/tenants/{tenant}/networks/{network}"): (
+        "networks/delete", "tenant",
+        lambda s, t: Target({"tenant": t, "network": _network(s, t)})),
     ("GET", "/v1/roleAssignments"): (
         "roleAssignments/read", "tenant",
         lambda s, t: Target({}, query={"scope": f"/tenants/{t}"})),
@@ -169,6 +191,7 @@ SUCCESS = {"GET": 200, "POST": 200, "PUT": 200, "DELETE": 204}
 NO_CONTENT = {("POST", "/v1/tenants/{tenant}/vms/{vm}/console")}
 CREATED = {("POST", "/v1/tenants"), ("POST", "/v1/tenants/{tenant}/vms"),
            ("PUT", "/v1/tenants/{tenant}/images/{image}"), ("POST", "/v1/roleAssignments"),
+           ("POST", "/v1/tenants/{tenant}/networks"),
            ("POST", "/v1/roleDefinitions")}
 
 
@@ -212,6 +235,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         svc.tenants.set_quota(t, svc.tenants.get(t).quota.__class__(4096, 1 << 24, 100000))
         svc.images.put(t, "k", [b"\x7fELF"])
         svc.create_vm(t, VmSpec(name="base", kernel="k"), start=True, actor="test")
+        svc.networks.create(t, "base", _cidr())
     principals = {}
     for role in TENANT_ROLES:
         name = "p-" + role.lower().replace(" ", "-")
