@@ -20,6 +20,7 @@ from isovisor.security.surface.astscan import preceding_comments, qualname
 from isovisor.security.surface.machine import SurfaceMachine
 from isovisor.security.surface.model import (
     CLIENT_API,
+    HOST_TPM,
     TENANT_TENANT,
     VMM_HOST,
     Entry,
@@ -207,9 +208,13 @@ def _path_hints(module: str, function: str) -> list[str]:
 
 def runtime_entries() -> list[Entry]:
     """Host files the VMM side reads back that other local processes might write."""
+    from isovisor.host import integrity as hi
     from isovisor.host import runner
     from isovisor.security.audit import event_channel as ec
     from isovisor.security.audit import vm_events
+    from isovisor.security.integrity import attestation, eventlog, signing
+    from isovisor.security.integrity.gate import LaunchGate
+    from isovisor.security.tpm import swtpm
     from isovisor.vmm import emulator_probe as ep
     from isovisor.worker import ids
 
@@ -237,6 +242,19 @@ def runtime_entries() -> list[Entry]:
                             max_line_bytes=ec.MAX_LINE_BYTES, read_chunk=ec.READ_CHUNK,
                             max_channel_bytes=ec.MAX_CHANNEL_BYTES,
                             writer_max_bytes=ec.WRITER_MAX_BYTES),
+        ),
+        Entry(
+            id="host:runtime/integrity-state", boundary=HOST_TPM,
+            source=qualname(LaunchGate),
+            details=details(
+                directory=f"STATE/{hi.INTEGRITY_DIR}",
+                event_log=hi.EVENT_LOG, event_log_parser=qualname(eventlog.EventLog.from_json),
+                event_log_max_bytes=eventlog.MAX_LOG_BYTES,
+                tpm_address_file=hi.TPM_FILE, swtpm_socket=f"swtpm/{swtpm.SOCKET_NAME}",
+                signed_documents=qualname(signing.read_signed),
+                signed_max_bytes=signing.MAX_DOCUMENT_BYTES,
+                quote_bundle_parser=qualname(attestation.verify_bundle),
+                quote_bundle_max_bytes=attestation.MAX_BUNDLE_BYTES),
         ),
     ]
 
