@@ -86,8 +86,8 @@ class DiskStore:
         return self.get(tenant, name)
 
     def get(self, tenant: str, name: str) -> DiskRecord:
-        row = self.db.conn.execute("SELECT * FROM disks WHERE tenant = ? AND name = ?",
-                                   (tenant, name)).fetchone()
+        row = self.db.conn.execute("SELECT * FROM disks WHERE tenant = ? AND name = ? AND "
+                                   "vm_id IS NULL", (tenant, name)).fetchone()
         if row is None:
             raise NotFound(f"disk {name!r} not found")
         return DiskRecord.from_row(row)
@@ -95,8 +95,8 @@ class DiskStore:
     def page(self, tenant: str, limit: int | None, token: str | None,
              keep: Callable[[DiskRecord], bool]) -> Page[DiskRecord]:
         return paginate(self.db.conn, "SELECT tenant, name, id, size, created_at FROM disks "
-                        "WHERE tenant = ?", (tenant,), "name", DiskRecord.from_row, limit,
-                        token, keep)
+                        "WHERE tenant = ? AND vm_id IS NULL", (tenant,), "name",
+                        DiskRecord.from_row, limit, token, keep)
 
     def count(self, tenant: str) -> int:
         return int(self.db.conn.execute("SELECT COUNT(*) FROM disks WHERE tenant = ?",
@@ -106,7 +106,7 @@ class DiskStore:
         """The image path and the unwrapped key of a disk of `tenant` (a VM is starting)."""
         with self.db.write() as conn:
             row = conn.execute("SELECT id, wrapped_key FROM disks WHERE tenant = ? AND "
-                               "name = ?", (tenant, name)).fetchone()
+                               "name = ? AND vm_id IS NULL", (tenant, name)).fetchone()
             if row is None:
                 raise NotFound(f"disk {name!r} not found in tenant {tenant!r}")
             key = self.keys.unwrap_disk_key(conn, tenant, bytes(row["wrapped_key"]))
@@ -116,8 +116,8 @@ class DiskStore:
         """Shred: row and wrapped key gone and the tenant key rotated (one transaction),
         the database checkpointed, then the file removed."""
         with self.db.write() as conn:
-            row = conn.execute("SELECT id FROM disks WHERE tenant = ? AND name = ?",
-                               (tenant, name)).fetchone()
+            row = conn.execute("SELECT id FROM disks WHERE tenant = ? AND name = ? AND "
+                               "vm_id IS NULL", (tenant, name)).fetchone()
             if row is None:
                 raise NotFound(f"disk {name!r} not found")
             for vm, disks in conn.execute("SELECT name, disks FROM vms WHERE tenant = ?",
@@ -129,7 +129,71 @@ class DiskStore:
         self.checkpoint()
         self.path(tenant, row["id"]).unlink(missing_ok=True)
 
+    # --- a VM's private encrypted copy of a writable image -----------------------------
+
+    def vm_copy(self, tenant: str, vm_id: str, index: int, image: Path) -> tuple[Path, bytes]:
+        """The encrypted private copy of `image` for disk `index` of a VM, made once (the
+        image's bytes encrypted sector by sector, the tail padded to a whole sector), and
+        its key."""
+        name = f"~{vm_id}-{index}"  # not a valid API name: no clash with tenant disks
+        with self.db.write() as conn:
+            row = conn.execute("SELECT id, wrapped_key FROM disks WHERE tenant = ? AND "
+                               "name = ?", (tenant, name)).fetchone()
+            if row is not None:
+                return (self.path(tenant, row["id"]),
+                        self.keys.unwrap_disk_key(conn, tenant, bytes(row["wrapped_key"])))
+            key = new_disk_key()
+            disk_id = uuid.uuid4().hex
+            target = self.path(tenant, disk_id)
+            target.parent.mkdir(exist_ok=True, mode=0o700)
+            size = _encrypted_copy(image, target, key)
+            try:
+                conn.execute("INSERT INTO disks (tenant, name, id, size, wrapped_key, "
+                             "created_at, vm_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (tenant, name, disk_id, size,
+                              self.keys.wrap_disk_key(conn, tenant, key), now(), vm_id))
+            except BaseException:
+                target.unlink(missing_ok=True)
+                raise
+        return target, key
+
+    def delete_vm_copies(self, tenant: str, vm_id: str) -> None:
+        """Shred the VM's private copies (the VM is being deleted)."""
+        with self.db.write() as conn:
+            rows = conn.execute("SELECT id FROM disks WHERE tenant = ? AND vm_id = ?",
+                                (tenant, vm_id)).fetchall()
+            if not rows:
+                return
+            conn.execute("DELETE FROM disks WHERE tenant = ? AND vm_id = ?", (tenant, vm_id))
+            self.keys.rotate_tenant_key(conn, tenant)
+        self.checkpoint()
+        for row in rows:
+            self.path(tenant, row["id"]).unlink(missing_ok=True)
+
     def checkpoint(self) -> None:
         """Copy the WAL's (overwritten) pages into the database and empty the WAL."""
         with contextlib.suppress(Exception):
             self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _encrypted_copy(image: Path, target: Path, key: bytes) -> int:
+    """Write `image` encrypted to `target` (0600, created exclusively); its size."""
+    from isovisor.devices.diskcrypt.xts import SECTOR_SIZE, SectorCipher
+
+    cipher = SectorCipher(key)
+    size = 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with image.open("rb") as src:
+            while chunk := src.read(1 << 20):
+                if len(chunk) % SECTOR_SIZE:
+                    chunk += bytes(SECTOR_SIZE - len(chunk) % SECTOR_SIZE)
+                os.write(fd, cipher.encrypt(size // SECTOR_SIZE, chunk))
+                size += len(chunk)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        target.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return size

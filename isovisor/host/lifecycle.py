@@ -101,7 +101,8 @@ class VmLifecycle:
         return Launch(vm_id=vm.id, kernel=self.images.path(vm.tenant, vm.kernel),
                       initrd=self.images.path(vm.tenant, vm.initrd) if vm.initrd else None,
                       cmdline=vm.cmdline, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
-                      disks=tuple(disks), disk_keys=tuple(keys), rng=vm.rng, nets=self.net_options(vm.id))
+                      disks=tuple(disks), disk_keys=tuple(keys), rng=vm.rng,
+                      nets=self.net_options(vm.id))
 
     def _disk(self, vm: Vm, index: int, d: Disk) -> tuple[Path, bytes | None]:
         """A disk's image and key: a tenant disk (by name, this tenant's only), a shared

@@ -55,6 +55,9 @@ class Launch:
     initrd: Path | None = None
     cmdline: str = ""
     disks: tuple[tuple[Path, bool], ...] = ()  # (path, readonly)
+    # per disk: its AES-XTS-256 key (encrypted at rest) or None; handed to `isovisor run`
+    # through a pipe on its stdin (`--disk PATH,keyfd=0`), never through a file
+    disk_keys: tuple[bytes | None, ...] = field(default=(), repr=False)
     rng: bool = False
     nets: tuple[str, ...] = ()  # `--net` values: TAPs of tenant networks (isovisor.host.network)
 
@@ -139,13 +142,25 @@ def default_command(launch: Launch, console: Path) -> list[str]:
         cmd += ["--initrd", str(launch.initrd)]
     if launch.cmdline:
         cmd += ["--cmdline", launch.cmdline]
-    for path, readonly in launch.disks:
-        cmd += ["--disk", f"{path},readonly" if readonly else str(path)]
+    for i, (path, readonly) in enumerate(launch.disks):
+        keyed = i < len(launch.disk_keys) and launch.disk_keys[i] is not None
+        cmd += ["--disk", f"{path}{',readonly' if readonly else ''}{',keyfd=0' if keyed else ''}"]
     if launch.rng:
         cmd.append("--rng")
     for net in launch.nets:
         cmd += ["--net", net]
     return cmd
+
+
+def _key_pipe(keys: bytes) -> int:
+    """A pipe's read end holding `keys` (at most 8 x 64 bytes: far below the pipe buffer,
+    so the write never blocks), the write end closed: the VMM reads them once."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.write(w, keys)
+    finally:
+        os.close(w)
+    return r
 
 
 class SubprocessRunner:
@@ -167,14 +182,19 @@ class SubprocessRunner:
                if k in ("PATH", "LANG", "PYTHONPATH") or k.startswith("ISOVISOR_")}
         env[VM_ID_ENV] = launch.vm_id
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # and so does everything it starts
+        keys = b"".join(k for k in launch.disk_keys if k is not None)
+        stdin = _key_pipe(keys) if keys else subprocess.DEVNULL
         try:
             with open(run_dir / "monitor.log", "wb") as log:
-                status = subprocess.run(argv, stdin=subprocess.DEVNULL,
+                status = subprocess.run(argv, stdin=stdin,
                                         stdout=subprocess.DEVNULL, stderr=log,
                                         start_new_session=True, close_fds=True, env=env,
                                         cwd=run_dir, timeout=SPAWN_TIMEOUT).returncode
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise RunnerError(f"cannot start the VM monitor: {exc}") from exc
+        finally:
+            if keys:
+                os.close(stdin)
         try:
             pid = int((run_dir / monitor.MONITOR_PID).read_text())
         except (OSError, ValueError):

@@ -45,7 +45,15 @@ class VmSpec:
         if len(self.disks) > MAX_DISKS:
             raise InvalidRequest(f"at most {MAX_DISKS} disks")
         for disk in self.disks:
-            check_name("image", disk.image)
+            if (disk.image is None) == (disk.disk is None):
+                raise InvalidRequest("a disk names exactly one of image or disk")
+            if disk.image is not None:
+                check_name("image", disk.image)
+            else:
+                check_name("disk", str(disk.disk))
+        named = [d.disk for d in self.disks if d.disk is not None]
+        if len(set(named)) != len(named):
+            raise InvalidRequest("a disk can be attached only once")
         if len(self.nics) > MAX_NICS:
             raise InvalidRequest(f"at most {MAX_NICS} NICs")
         for network in self.nics:
@@ -73,6 +81,11 @@ class VmStore:
                 if conn.execute("SELECT 1 FROM images WHERE tenant = ? AND name = ?",
                                 (tenant, image)).fetchone() is None:
                     raise InvalidRequest(f"image {image!r} not found in tenant {tenant!r}")
+            for disk in filter(None, (d.disk for d in spec.disks)):
+                # Looked up in this tenant only: another tenant's disk is not found (#9).
+                if conn.execute("SELECT 1 FROM disks WHERE tenant = ? AND name = ?",
+                                (tenant, disk)).fetchone() is None:
+                    raise InvalidRequest(f"disk {disk!r} not found in tenant {tenant!r}")
             used = conn.execute(
                 "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COUNT(*) "
                 "FROM vms WHERE tenant = ?", (tenant,)).fetchone()
