@@ -295,13 +295,21 @@ def api_requests() -> Iterator[bytes]:
 
 @seeds
 def api_models() -> Iterator[bytes]:
-    bodies = [b'{"maxVcpus":4,"maxMemoryMiB":1024,"maxVms":2}',
-              b'{"principal":"alice","role":"Owner","scope":"/tenants/a"}',
-              b'{"name":"ops","actions":["vms/*"],"scope":"/tenants/a"}',
-              b'{"name":"a","description":"x"}',
-              b'{"name":"v","kernel":"k","vcpus":2,"memoryMiB":64,"cmdline":"c"}']
-    for i, b in enumerate(bodies):
-        yield Writer().u8(i).u8(0).raw(b).bytes()
+    from fuzz.harnesses import api_models as harness
+
+    harness.setup()
+    index = {m.__name__: i for i, m in enumerate(harness._models)}
+    bodies = [("QuotaBody", b'{"maxVcpus":4,"maxMemoryMiB":1024,"maxVms":2}'),
+              ("RoleAssignmentCreate",
+               b'{"principal":"alice","role":"Owner","scope":"/tenants/a"}'),
+              ("RoleDefinitionCreate",
+               b'{"name":"ops","actions":["vms/*"],"scope":"/tenants/a"}'),
+              ("TenantCreate", b'{"name":"a","description":"x"}'),
+              ("VmCreate", b'{"name":"v","kernel":"k","vcpus":2,"memoryMiB":64,"cmdline":"c",'
+                           b'"nics":[{"network":"lan"}]}'),
+              ("NetworkCreate", b'{"name":"lan","cidr":"10.8.0.0/24"}')]
+    for model, b in bodies:
+        yield Writer().u8(index[model]).u8(0).raw(b).bytes()
 
 
 @seeds
@@ -371,6 +379,26 @@ def worker_protocol() -> Iterator[bytes]:
     yield Writer().u8(1).raw(protocol.encode(protocol.OP_READY, {"pid": 5})).bytes()
     for action in (b"probe", b"read-vm-memory:12", b"execve", b"read-vm-memory:"):
         yield Writer().u8(0).raw(action).bytes()
+
+
+@seeds
+def tenant_networks() -> Iterator[bytes]:
+    # step: op, tenant (0 a, 1 b), flag 1 + NAMES index; op 0: flag 1 + CIDRS index;
+    # op 2: NIC count, then NAMES indexes (lan = 0, dmz = 1)
+    lan_a = Writer().u8(0).u8(0).u8(1).u8(0).u8(1).u8(0)  # a: lan 10.0.0.0/24
+    vm_a = Writer().u8(2).u8(0).u8(1).u8(0).u8(2).u8(0).u8(0)  # a: VM with 2 NICs on lan
+    overlap_b = Writer().u8(0).u8(1).u8(1).u8(0).u8(1).u8(2)  # b: lan 10.0.0.128/25
+    spy_b = Writer().u8(2).u8(1).u8(1).u8(0).u8(1).u8(0)  # b: VM naming "lan" (a's)
+    busy = Writer().u8(1).u8(0).u8(1).u8(0)  # a: delete lan while a VM has a NIC on it
+    gone = Writer().u8(3).u8(0).u8(1).u8(0)  # a: delete the VM, then lan
+    yield Writer().u8(1).raw(lan_a.bytes()).bytes()
+    yield Writer().u8(5).raw(lan_a.bytes() + vm_a.bytes() + overlap_b.bytes()
+                              + spy_b.bytes() + busy.bytes()).bytes()
+    yield Writer().u8(4).raw(lan_a.bytes() + vm_a.bytes() + gone.bytes()
+                              + busy.bytes()).bytes()
+    small = Writer().u8(0).u8(0).u8(1).u8(1).u8(1).u8(3)  # a: dmz 10.0.1.0/29: 5 NICs
+    four = Writer().u8(2).u8(0).u8(1).u8(0).u8(4).u8(1).u8(1).u8(1).u8(1)  # 4 NICs on dmz
+    yield Writer().u8(3).raw(small.bytes() + four.bytes() * 2).bytes()  # the 2nd: full
 
 
 def main() -> int:

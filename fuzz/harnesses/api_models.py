@@ -12,12 +12,13 @@ from fuzz.data import Data
 
 COVERS = ("api:POST /v1/tenants", "api:PUT /v1/tenants/{tenant}/quota",
           "api:POST /v1/tenants/{tenant}/vms", "api:POST /v1/roleAssignments",
-          "api:POST /v1/roleDefinitions")
+          "api:POST /v1/roleDefinitions", "api:POST /v1/tenants/{tenant}/networks")
 _models: list[type[BaseModel]] = []
 FRAGMENTS = (b'{"name":"a"', b',"kernel":"k"', b',"vcpus":', b',"memoryMiB":', b"64", b"-1",
              b"1e9", b"true", b"null", b'"\\u0000"', b'"' + b"x" * 70 + b'"', b"}", b"[",
              b"]", b',"scope":"/tenants/a"', b',"actions":["*"]', b',"principal":"p"',
-             b',"role":"Owner"', b',"maxVcpus":1,"maxMemoryMiB":1,"maxVms":1')
+             b',"role":"Owner"', b',"maxVcpus":1,"maxMemoryMiB":1,"maxVms":1',
+             b',"cidr":"10.8.0.0/24"', b',"nics":[{"network":"lan"}]')
 
 
 def setup() -> None:

@@ -79,6 +79,18 @@ class Runner:
         return VmMetrics()
 
 
+class Plumbing:
+    """NetworkPlumbing without host changes: tenant networks' bridges, TAPs, rules and
+    dnsmasqs are tests/network's (real namespaces); here only the API above them runs."""
+
+    netns = "isovisor-fuzz-none"
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith(("ensure_", "remove_", "refresh_")):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
 def setup() -> None:
     from isovisor.api.app import create_app
     from isovisor.host.service import HostService
@@ -88,11 +100,13 @@ def setup() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="isovisor-fuzz-api-")
     template = Path(tmp.name) / "template"
     svc = HostService(template, runner=Runner(template / "run"))
+    svc.networks.plumbing = Plumbing()  # type: ignore[assignment]
     svc.bootstrap_admin("admin")
-    for t in ("a", "b"):
+    for i, t in enumerate(("a", "b")):
         svc.tenants.create(t)
         svc.images.put(t, "k", [b"\x7fELF" + bytes(60)])
-        svc.create_vm(t, VmSpec(name="base", kernel="k"), False, "admin")
+        svc.networks.create(t, "base", f"10.{i}.0.0/24")
+        svc.create_vm(t, VmSpec(name="base", kernel="k", nics=("base",)), False, "admin")
     svc.access.assign("owner-a", "Owner", Scope.tenant("a"), created_by="admin")
     svc.close()
     doc = create_app(svc, None).openapi()
@@ -102,6 +116,7 @@ def setup() -> None:
     work = Path(tmp.name) / "work"
     shutil.copytree(template, work)
     live = HostService(work, runner=Runner(work / "run"))
+    live.networks.plumbing = Plumbing()  # type: ignore[assignment]
     _state.update(tmp=tmp, template=template, work=work, svc=live, api=create_app(live, None),
                   doc=doc, ops=ops, loop=asyncio.new_event_loop())
 
@@ -133,10 +148,11 @@ def _body(d: Data, op: dict[str, Any]) -> bytes:
         return d.blob(2048)
     names = ["name", "kernel", "initrd", "cmdline", "vcpus", "memoryMiB", "start",
              "description", "maxVcpus", "maxMemoryMiB", "maxVms", "principal", "role",
-             "scope", "actions", "notActions"]
+             "scope", "actions", "notActions", "cidr", "nics"]
     values = ['"a"', '"k"', '"base"', '"/"', '"/tenants/a"', '"/tenants/b"', '"Owner"',
               '"Reader"', '["*"]', '["vms/*"]', "1", "0", "-1", "64", "99999999999999999999",
-              "true", "null", '""', '"x"', "[]", "{}", "1e308"]
+              "true", "null", '""', '"x"', "[]", "{}", "1e308", '"10.9.0.0/24"',
+              '"10.0.0.0/25"', '[{"network":"base"}]', '[{"network":"/tenants/b/networks/base"}]']
     fields = [f'"{names[d.u8() % len(names)]}":{values[d.u8() % len(values)]}'
               for _ in range(d.u8() % 8)]
     text = "{" + ",".join(fields) + "}"

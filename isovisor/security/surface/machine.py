@@ -114,8 +114,8 @@ class MemoryTap:
 
     ufo = False
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, *, create: bool = False, netns: str | None = None) -> None:
+        self.name = name  # (open_tap's signature: `create` and `netns` change nothing here)
         self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.offloads = 0
 
