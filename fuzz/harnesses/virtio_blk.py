@@ -43,7 +43,9 @@ def _digest(dev: VirtioBlk) -> tuple[int, str]:
 def _parser(d: Data) -> None:
     descs = []
     for _ in range(d.u8() % 8):
-        descs.append(Descriptor(rig.BUF + d.u16(), d.u32() if d.flag() else d.u16(), d.flag()))
+        addr = rig.BUF + d.u16()
+        length = d.u32() if d.flag() else d.u16()
+        descs.append(Descriptor(addr, length, d.flag(), addr))
     limits = br.Limits(capacity=CAPACITY, readonly=d.flag(), discard=d.flag(),
                        write_zeroes=d.flag(), max_discard_sectors=1 << 12, max_discard_seg=4,
                        max_write_zeroes_sectors=1 << 10, max_write_zeroes_seg=2)

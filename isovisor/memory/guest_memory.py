@@ -3,6 +3,14 @@
 One memfd per VM, sealed against growth and shrinking, mapped once into this process and
 registered with KVM as one slot per RAM region. Every access is checked: the range must lie
 wholly inside one RAM region (no straddling the MMIO hole), with no integer overflow.
+
+Hot paths (virtqueues, descriptor chains, virtio-blk) check a range once with
+`check_range`, which returns its offset in the memfd, and then access it through `ram`, one
+view of the whole mapping indexed by those offsets: a ring checked at queue setup or a
+buffer checked by the chain walker is never checked again per access. CPython bounds-checks
+every index and slice of `ram` against the mapping, so even a wrong offset cannot reach
+host memory outside guest RAM; teardown releases `ram`, so a device thread that kept it
+fails instead of reading scrubbed pages.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _U64_MAX = (1 << 64) - 1
+_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 
 T = TypeVar("T", bound=ctypes.Structure)
 
@@ -81,6 +90,7 @@ class GuestMemory:
             # SAFETY: from_buffer exports the mapping only for the duration of addressof;
             # the temporary is dropped at once so close() can unmap later.
             self._host_base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+            self._ram: memoryview | None = memoryview(self._map)
         except BaseException:
             os.close(self._fd)
             raise
@@ -90,6 +100,10 @@ class GuestMemory:
             regions.append(MemoryRegion(start, length, offset))
             offset += length
         self.regions: tuple[MemoryRegion, ...] = tuple(regions)
+        # check_range's fast path: the low region starts at guest address 0 and memfd
+        # offset 0, so an address inside it is its own offset.
+        assert regions[0].guest_addr == 0 and regions[0].offset == 0
+        self._low_end = regions[0].end
         # A fresh memfd reads as zeros: RAM is zeroed before first use by construction.
 
     # --- properties -----------------------------------------------------------------
@@ -120,8 +134,20 @@ class GuestMemory:
             raise GuestMemoryClosedError("guest memory has been torn down")
         return m
 
+    @property
+    def ram(self) -> memoryview:
+        """All of guest RAM as one writable view, indexed by the memfd offsets
+        `check_range` returns (see the module docstring). Borrowed: never release it;
+        slices taken from it are the caller's to release."""
+        ram = self._ram
+        if ram is None:
+            raise GuestMemoryClosedError("guest memory has been torn down")
+        return ram
+
     def check_range(self, addr: int, length: int) -> int:
         """Return the memfd offset of [addr, addr+length) or raise GuestMemoryError."""
+        if addr >= 0 and length >= 0 and addr + length <= self._low_end:
+            return addr  # inside the low region (the usual case): offset == address
         if addr < 0 or length < 0 or addr > _U64_MAX or length > _U64_MAX:
             raise GuestMemoryError(f"invalid guest range {addr:#x}+{length:#x}")
         end = addr + length
@@ -151,7 +177,8 @@ class GuestMemory:
         The view pins the mapping: teardown refuses to unmap while views are alive.
         """
         off = self.check_range(addr, length)
-        return memoryview(self._mapping())[off : off + length]
+        self._mapping()  # raises once torn down
+        return self.ram[off : off + length]
 
     def read_exact(self, addr: int, length: int) -> bytes:
         off = self.check_range(addr, length)
@@ -176,28 +203,29 @@ class GuestMemory:
         self.write_all(addr, bytes(obj))
 
     def read_u8(self, addr: int) -> int:
-        return self.read_exact(addr, 1)[0]
+        return self._mapping()[self.check_range(addr, 1)]
 
     def read_u16(self, addr: int) -> int:
-        return int(struct.unpack("<H", self.read_exact(addr, 2))[0])
+        return int(_U16.unpack_from(self._mapping(), self.check_range(addr, 2))[0])
 
     def read_u32(self, addr: int) -> int:
-        return int(struct.unpack("<I", self.read_exact(addr, 4))[0])
+        return int(_U32.unpack_from(self._mapping(), self.check_range(addr, 4))[0])
 
     def read_u64(self, addr: int) -> int:
-        return int(struct.unpack("<Q", self.read_exact(addr, 8))[0])
+        return int(_U64.unpack_from(self._mapping(), self.check_range(addr, 8))[0])
 
     def write_u8(self, addr: int, value: int) -> None:
-        self.write_all(addr, struct.pack("<B", value))
+        off = self.check_range(addr, 1)
+        self._mapping()[off] = value  # ValueError outside 0..255
 
     def write_u16(self, addr: int, value: int) -> None:
-        self.write_all(addr, struct.pack("<H", value))
+        _U16.pack_into(self._mapping(), self.check_range(addr, 2), value)
 
     def write_u32(self, addr: int, value: int) -> None:
-        self.write_all(addr, struct.pack("<I", value))
+        _U32.pack_into(self._mapping(), self.check_range(addr, 4), value)
 
     def write_u64(self, addr: int, value: int) -> None:
-        self.write_all(addr, struct.pack("<Q", value))
+        _U64.pack_into(self._mapping(), self.check_range(addr, 8), value)
 
     # --- teardown ---------------------------------------------------------------------
 
@@ -243,7 +271,10 @@ class GuestMemory:
                 err = ctypes.get_errno()
                 raise GuestMemoryError(f"scrubbing guest memory failed: {os.strerror(err)}")
             self._map = None
+            ram, self._ram = self._ram, None
             try:
+                if ram is not None:
+                    ram.release()  # holders of `ram` now fail instead of reading zeros
                 m.close()
             except BufferError:
                 # A device still holds a view: keep the (already scrubbed) mapping alive

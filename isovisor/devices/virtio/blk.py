@@ -34,10 +34,11 @@ from isovisor.devices.virtio.blk_request import (
     Status,
     frame,
     parse,
+    parse_common,
     parse_segments,
     segments_length_ok,
 )
-from isovisor.devices.virtio.chain import DescriptorChain
+from isovisor.devices.virtio.chain import Descriptor
 from isovisor.devices.virtio.constants import DEVICE_ID_BLOCK
 from isovisor.devices.virtio.device import VirtioDevice
 from isovisor.devices.virtio.queue import Virtqueue
@@ -146,44 +147,56 @@ class VirtioBlk(VirtioDevice):
     # --- the queue -----------------------------------------------------------------------
 
     def process_queue(self, index: int, queue: Virtqueue) -> bool:
+        """Serve every available request (the whole ring per notify: `pop_heads`); the
+        base class then sends at most one interrupt for the lot (EVENT_IDX aware)."""
         limits = self.limits
         mem = queue.mem
         stopping = self._stopping.is_set
+        limiter = self.rate_limiter
         while not stopping():
             if self._pending is not None:
-                head, req = self._pending
+                batch: list[tuple[int, BlkRequest | None]] = [self._pending]
                 self._pending = None
             else:
-                chain = queue.pop()
-                if chain is None:
+                heads = queue.pop_heads()
+                if not heads:
                     return True
-                head = chain.head
-                parsed = self._parse(mem, chain, limits)
-                if isinstance(parsed, Rejected):
-                    self._reject(mem, queue, head, parsed)
-                    continue
-                req = parsed
-            limiter = self.rate_limiter
-            if limiter is not None and not limiter.consume(nbytes=_cost(req), nops=1):
-                self._pending = (head, req)
-                self.blk_stats.throttled += 1
-                return False
-            status, written = self._execute(mem, req)
-            mem.write_u8(req.status_addr, status)
-            queue.add_used(head, written + 1)
+                batch = [(h, None) for h in heads]
+            for i, (head, req) in enumerate(batch):
+                if stopping():
+                    queue.undo_pop(len(batch) - i)
+                    return True
+                if req is None:
+                    descs = queue.walk(head)  # validated; GuestProtocolError propagates
+                    req = parse_common(descs, mem.ram, limits)
+                    if req is None:  # any other shape, or a request that fails
+                        parsed = self._parse(mem, descs, limits)
+                        if isinstance(parsed, Rejected):
+                            self._reject(mem, queue, head, parsed)
+                            continue
+                        req = parsed
+                if limiter is not None and not limiter.consume(nbytes=_cost(req), nops=1):
+                    self._pending = (head, req)
+                    queue.undo_pop(len(batch) - i - 1)  # the rest wait in the ring
+                    self.blk_stats.throttled += 1
+                    return False
+                status, written = self._execute(mem, req)
+                mem.write_u8(req.status_addr, status)
+                queue.add_used(head, written + 1)
         return True
 
     def _parse(
-        self, mem: GuestMemory, chain: DescriptorChain, limits: Limits
+        self, mem: GuestMemory, descs: tuple[Descriptor, ...], limits: Limits
     ) -> BlkRequest | Rejected:
-        """Validate the chain (GuestProtocolError propagates) and parse the request."""
-        f = frame(chain.descriptors())
+        """Frame and parse a validated chain: the general path, any shape, any type."""
+        f = frame(descs)
         if isinstance(f, Rejected):
             return f
         h = f.header
+        ram = mem.ram  # descriptors carry checked offsets: no second check
         header = (
-            mem.read_exact(h[0].addr, HEADER_SIZE) if len(h) == 1
-            else b"".join(mem.read_exact(d.addr, d.len) for d in h)
+            ram[h[0].offset : h[0].offset + HEADER_SIZE].tobytes() if len(h) == 1
+            else b"".join(ram[d.offset : d.offset + d.len] for d in h)
         )
         req = parse(f, header, limits)
         if isinstance(req, Rejected) or req.type not in _SEGMENTED:
@@ -191,7 +204,7 @@ class VirtioBlk(VirtioDevice):
         bad = segments_length_ok(req, limits)
         if bad is not None:
             return bad
-        raw = b"".join(mem.read_exact(d.addr, d.len) for d in req.data)
+        raw = b"".join(ram[d.offset : d.offset + d.len] for d in req.data)
         return parse_segments(req, raw, limits)
 
     def _reject(self, mem: GuestMemory, queue: Virtqueue, head: int, r: Rejected) -> None:
@@ -208,8 +221,9 @@ class VirtioBlk(VirtioDevice):
         """Carry out a checked request: (status, data bytes written into the guest)."""
         disk, st, kind = self.disk, self.blk_stats, req.type
         try:
+            ram = mem.ram  # the data descriptors carry checked offsets
             if kind is _IN:
-                views = [mem.view(d.addr, d.len) for d in req.data]
+                views = [ram[d.offset : d.offset + d.len] for d in req.data]
                 try:
                     disk.read_into(views, req.offset, req.length, disk.direct and _aligned(req))
                 finally:
@@ -218,7 +232,7 @@ class VirtioBlk(VirtioDevice):
                 st.bytes_read += req.length
                 return Status.OK, req.length
             if kind is _OUT:
-                views = [mem.view(d.addr, d.len) for d in req.data]
+                views = [ram[d.offset : d.offset + d.len] for d in req.data]
                 try:
                     disk.write_from(views, req.offset, req.length, disk.direct and _aligned(req))
                 finally:
@@ -235,7 +249,7 @@ class VirtioBlk(VirtioDevice):
                 serial = disk.serial[: req.length]
                 pos = 0
                 for d in req.data:
-                    mem.write_all(d.addr, serial[pos : pos + d.len])
+                    ram[d.offset : d.offset + d.len] = serial[pos : pos + d.len]
                     pos += d.len
                 st.get_ids += 1
                 return Status.OK, req.length

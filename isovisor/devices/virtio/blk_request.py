@@ -18,6 +18,11 @@ segment tables of DISCARD/WRITE_ZEROES against the limits in the config space
 carrying the status to report; a chain without a place for a status byte is a
 `Rejected(status_addr=None)`, completed with nothing written. The parser itself touches
 no guest memory: it gets the descriptors and the header bytes and returns plain values.
+
+`parse_common` is the fast path for the shape nearly every request has (header, one data
+buffer, status; IN or OUT): it returns exactly what `frame` + `parse` return for such a
+request when that is a BlkRequest, and None for everything else, which then takes the
+general path (a property test holds the two to that).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Status(enum.IntEnum):
 
 
 _TYPES = {t.value: t for t in RequestType}
+_HEADER_UNPACK = _HEADER.unpack_from
 _IN, _OUT = RequestType.IN, RequestType.OUT
 WRITE_TYPES = frozenset({RequestType.OUT, RequestType.DISCARD, RequestType.WRITE_ZEROES})
 
@@ -149,7 +155,7 @@ def split(descs: Sequence[Descriptor], skip: int, keep: int) -> tuple[Descriptor
             skip -= d.len
             continue
         n = min(d.len - skip, keep)
-        out.append(Descriptor(d.addr + skip, n, d.writable))
+        out.append(Descriptor(d.addr + skip, n, d.writable, d.offset + skip))
         keep -= n
         skip = 0
     return tuple(out)
@@ -254,6 +260,39 @@ def parse(f: Framing, header: bytes, limits: Limits) -> BlkRequest | Rejected:
             return _rej(f, Status.IOERR, f"{kind.name} with device-writable data")
         return BlkRequest(kind, sector, f.readable_data, _total(f.readable_data), f.status_addr)
     return _rej(f, Status.UNSUPP, f"{kind.name} is not supported (or not negotiated)")
+
+
+def parse_common(
+    descs: Sequence[Descriptor], ram: memoryview | bytes | bytearray, limits: Limits
+) -> BlkRequest | None:
+    """The usual request in one step: three descriptors (16-byte device-readable header,
+    non-empty data, 1-byte device-writable status), type IN into writable data or OUT from
+    readable data, passing every check `parse` makes. Returns the BlkRequest frame+parse
+    would; None when the request has any other shape or fails a check (the general path
+    then frames, parses and rejects it). The header is read once from `ram` at its checked
+    offset (a private copy: the guest cannot change it under the checks)."""
+    if len(descs) != 3:
+        return None
+    h, d, s = descs
+    if h.len != HEADER_SIZE or h.writable or not s.writable or s.len != 1:
+        return None
+    length = d.len
+    if length == 0 or length % SECTOR_SIZE:  # §5.2.6.1
+        return None
+    rtype, _reserved, sector = _HEADER_UNPACK(ram, h.offset)
+    if rtype == 0:  # IN: data is device-writable
+        if not d.writable:
+            return None
+        kind = _IN
+    elif rtype == 1:  # OUT: data is device-readable, never on a read-only disk (§5.2.6.2)
+        if d.writable or limits.readonly:
+            return None
+        kind = _OUT
+    else:
+        return None
+    if _check_range(sector, length, limits.capacity) is not None:
+        return None
+    return BlkRequest(kind, sector, (d,), length, s.addr)
 
 
 def segments_length_ok(req: BlkRequest, limits: Limits) -> Rejected | None:

@@ -16,6 +16,11 @@ are enforced, once, before a device looks at a single buffer:
 - device-readable descriptors come before device-writable ones (§2.7.4.2);
 - every buffer lies inside guest RAM (GuestMemory.check_range: no MMIO hole, no wrap).
 
+Each descriptor is checked once, here, and carries its memfd `offset` on: devices access
+its bytes through `GuestMemory.ram[offset : offset + len]` without checking it again. The
+table is range-checked once per walk (the queue checked it at setup already; this is
+defence in depth), then its entries are read straight from `ram`.
+
 Any violation is a GuestProtocolError: a broken or hostile driver, after which the device
 stops and asks for a reset. A request that is well-formed as a chain but wrong for the
 device (a bad header, say) is a BadRequest: that request fails, the device carries on.
@@ -26,7 +31,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from isovisor.devices.virtio.constants import (
     DESC_F_INDIRECT,
@@ -54,23 +59,143 @@ class BadRequest(VirtioError):  # noqa: N818 - the name the design uses
     """One request is malformed for its device; that request fails, the device continues."""
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    """One checked buffer of a chain: [addr, addr+len) lies inside guest RAM."""
+class Descriptor(NamedTuple):
+    """One checked buffer of a chain: [addr, addr+len) lies inside guest RAM, at `offset`
+    in the memfd (what GuestMemory.check_range returned for it)."""
 
     addr: int
     len: int
     writable: bool
+    offset: int
+
+
+_new_tuple = tuple.__new__  # Descriptor(...) without NamedTuple's Python-level __new__
+
+
+def _checked_table(mem: GuestMemory, addr: int, length: int, what: str) -> int:
+    try:
+        return mem.check_range(addr, length)
+    except GuestMemoryError as exc:
+        raise GuestProtocolError(f"{what}: {exc}") from exc
+
+
+def walk_chain(
+    mem: GuestMemory,
+    desc_table: int,
+    queue_size: int,
+    head: int,
+    *,
+    indirect_allowed: bool,
+    table_offset: int | None = None,
+) -> tuple[Descriptor, ...]:
+    """Walk and validate the chain at `head` (every rule in the module docstring); every
+    descriptor, checked, or a GuestProtocolError.
+
+    `table_offset`: the memfd offset of the (already range-checked) descriptor table, from
+    the queue that checked it at setup; None checks the table here."""
+    table, size = desc_table, queue_size
+    index = head
+    if not 0 <= index < size:
+        # §2.7.6: available ring entries are heads of chains in the table.
+        raise GuestProtocolError(f"chain head {index} is outside the queue of size {size}")
+    toff = table_offset
+    if toff is None:
+        toff = _checked_table(mem, table, size * DESC_SIZE, "descriptor table")
+    ram = mem.ram
+    check_range = mem.check_range
+    unpack = _DESC.unpack_from
+    budget = size  # hops left in the current table (§2.7.5.2, §2.7.5.3.1)
+    in_indirect = False
+    total = 0
+    seen_writable = False
+    out: list[Descriptor] = []
+    while True:
+        if budget == 0:
+            # §2.7.5.2 / §2.7.5.3.1: no chain longer than the table: this is a loop.
+            raise GuestProtocolError(
+                f"descriptor chain from head {head} exceeds {size} hops (a loop?)"
+            )
+        budget -= 1
+        # index < size always holds here (the head and every `next` are checked), so the
+        # entry lies inside the checked table.
+        addr, length, flags, nxt = unpack(ram, toff + index * DESC_SIZE)
+        if flags & DESC_F_INDIRECT:
+            size = _indirect_entries(length, flags, in_indirect, indirect_allowed, queue_size)
+            table = addr
+            toff = _checked_table(mem, table, length, "indirect table")
+            in_indirect, index, budget = True, 0, size
+            continue
+        writable = bool(flags & DESC_F_WRITE)
+        if writable:
+            seen_writable = True
+        elif seen_writable:
+            # §2.7.4.2: device-writable descriptors come after device-readable ones.
+            raise GuestProtocolError(
+                f"device-readable descriptor {index} follows a device-writable one"
+            )
+        total += length
+        if total > MAX_CHAIN_BYTES:
+            # §2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes".
+            raise GuestProtocolError(f"descriptor chain totals {total} bytes (> 2^32 - 1)")
+        try:
+            offset = check_range(addr, length)
+        except GuestMemoryError as exc:
+            # Buffers are guest-physical RAM; anything else (MMIO hole, past the end,
+            # 64-bit wrap) is not the driver's to hand us.
+            raise GuestProtocolError(f"descriptor {index} buffer: {exc}") from exc
+        out.append(_new_tuple(Descriptor, (addr, length, writable, offset)))
+        if not flags & DESC_F_NEXT:
+            return tuple(out)
+        if not 0 <= nxt < size:
+            # §2.7.5: `next` indexes the same table (Queue Size or len/16 entries).
+            raise GuestProtocolError(
+                f"descriptor {index} links to {nxt}, outside a table of {size}"
+            )
+        index = nxt
+
+
+def _indirect_entries(
+    length: int, flags: int, in_indirect: bool, allowed: bool, queue_size: int
+) -> int:
+    """Check an indirect descriptor (§2.7.5.3.1); return its table's entries."""
+    if not allowed:
+        raise GuestProtocolError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+    if in_indirect:
+        raise GuestProtocolError("nested indirect descriptor table")
+    if flags & DESC_F_NEXT:
+        raise GuestProtocolError("descriptor has both INDIRECT and NEXT")
+    if length == 0 or length % DESC_SIZE:
+        raise GuestProtocolError(
+            f"indirect table length {length} is not a non-zero multiple of {DESC_SIZE}"
+        )
+    entries = length // DESC_SIZE
+    if entries > queue_size:
+        # §2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the Queue
+        # Size of the device."
+        raise GuestProtocolError(
+            f"indirect table of {entries} entries exceeds queue size {queue_size}"
+        )
+    return entries
 
 
 class DescriptorChain:
     """The chain starting at descriptor `head` of a queue's descriptor table.
 
-    Iterating walks the chain and validates as it goes (so a device that consumes
-    descriptors one by one still never sees an unchecked one); `descriptors()` walks it
-    fully once and caches the result, which is what the helpers below use, so that a
-    malformed tail is found before any buffer is touched.
+    The first use walks the whole chain and validates it, then caches the result:
+    iterating, `descriptors()` and the helpers below all see either every descriptor,
+    checked, or a GuestProtocolError before any of them, so a malformed tail is found
+    before any buffer is touched.
     """
+
+    __slots__ = (
+        "_cache",
+        "_table_offset",
+        "desc_table",
+        "head",
+        "indirect_allowed",
+        "mem",
+        "queue_size",
+    )
 
     def __init__(
         self,
@@ -80,112 +205,30 @@ class DescriptorChain:
         head: int,
         *,
         indirect_allowed: bool,
+        table_offset: int | None = None,
     ) -> None:
+        """`table_offset`: the memfd offset of the (already range-checked) descriptor
+        table, from the queue that checked it; None checks the table again."""
         self.mem = mem
         self.desc_table = desc_table
         self.queue_size = queue_size
         self.head = head
         self.indirect_allowed = indirect_allowed
+        self._table_offset = table_offset
         self._cache: tuple[Descriptor, ...] | None = None
 
-    # --- the walk --------------------------------------------------------------------
-
-    def _read(self, table: int, index: int) -> tuple[int, int, int, int]:
-        try:
-            raw = self.mem.read_exact(table + index * DESC_SIZE, DESC_SIZE)
-        except GuestMemoryError as exc:  # tables are range-checked first: defence in depth
-            raise GuestProtocolError(f"descriptor {index} unreadable: {exc}") from exc
-        addr, length, flags, nxt = _DESC.unpack(raw)
-        return addr, length, flags, nxt
-
     def __iter__(self) -> Iterator[Descriptor]:
-        if self._cache is not None:
-            return iter(self._cache)
-        return self._walk()
-
-    def _walk(self) -> Iterator[Descriptor]:
-        table, size = self.desc_table, self.queue_size
-        index = self.head
-        if not 0 <= index < size:
-            # §2.7.6: available ring entries are heads of chains in the table.
-            raise GuestProtocolError(f"chain head {index} is outside the queue of size {size}")
-        budget = size  # hops left in the current table (§2.7.5.2, §2.7.5.3.1)
-        in_indirect = False
-        total = 0
-        seen_writable = False
-        while True:
-            if budget == 0:
-                # §2.7.5.2 / §2.7.5.3.1: no chain longer than the table: this is a loop.
-                raise GuestProtocolError(
-                    f"descriptor chain from head {self.head} exceeds {size} hops (a loop?)"
-                )
-            budget -= 1
-            addr, length, flags, nxt = self._read(table, index)
-            if flags & DESC_F_INDIRECT:
-                table, size = self._enter_indirect(addr, length, flags, in_indirect)
-                in_indirect, index, budget = True, 0, size
-                continue
-            writable = bool(flags & DESC_F_WRITE)
-            if writable:
-                seen_writable = True
-            elif seen_writable:
-                # §2.7.4.2: device-writable descriptors come after device-readable ones.
-                raise GuestProtocolError(
-                    f"device-readable descriptor {index} follows a device-writable one"
-                )
-            total += length
-            if total > MAX_CHAIN_BYTES:
-                # §2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes".
-                raise GuestProtocolError(f"descriptor chain totals {total} bytes (> 2^32 - 1)")
-            try:
-                self.mem.check_range(addr, length)
-            except GuestMemoryError as exc:
-                # Buffers are guest-physical RAM; anything else (MMIO hole, past the end,
-                # 64-bit wrap) is not the driver's to hand us.
-                raise GuestProtocolError(f"descriptor {index} buffer: {exc}") from exc
-            yield Descriptor(addr, length, writable)
-            if not flags & DESC_F_NEXT:
-                return
-            if not 0 <= nxt < size:
-                # §2.7.5: `next` indexes the same table (Queue Size or len/16 entries).
-                raise GuestProtocolError(
-                    f"descriptor {index} links to {nxt}, outside a table of {size}"
-                )
-            index = nxt
-
-    def _enter_indirect(
-        self, addr: int, length: int, flags: int, in_indirect: bool
-    ) -> tuple[int, int]:
-        """Check an indirect descriptor (§2.7.5.3.1); return (table address, entries)."""
-        if not self.indirect_allowed:
-            raise GuestProtocolError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
-        if in_indirect:
-            raise GuestProtocolError("nested indirect descriptor table")
-        if flags & DESC_F_NEXT:
-            raise GuestProtocolError("descriptor has both INDIRECT and NEXT")
-        if length == 0 or length % DESC_SIZE:
-            raise GuestProtocolError(
-                f"indirect table length {length} is not a non-zero multiple of {DESC_SIZE}"
-            )
-        entries = length // DESC_SIZE
-        if entries > self.queue_size:
-            # §2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the
-            # Queue Size of the device."
-            raise GuestProtocolError(
-                f"indirect table of {entries} entries exceeds queue size {self.queue_size}"
-            )
-        try:
-            self.mem.check_range(addr, length)
-        except GuestMemoryError as exc:
-            raise GuestProtocolError(f"indirect table: {exc}") from exc
-        return addr, entries
+        return iter(self.descriptors())
 
     # --- the validated chain ---------------------------------------------------------
 
     def descriptors(self) -> tuple[Descriptor, ...]:
         """Every descriptor, the whole chain validated (GuestProtocolError otherwise)."""
         if self._cache is None:
-            self._cache = tuple(self._walk())
+            self._cache = walk_chain(
+                self.mem, self.desc_table, self.queue_size, self.head,
+                indirect_allowed=self.indirect_allowed, table_offset=self._table_offset,
+            )
         return self._cache
 
     @property
@@ -209,7 +252,8 @@ class DescriptorChain:
         under the parser). More than `max_len` of them is a BadRequest."""
         if self.readable_len > max_len:
             raise BadRequest(f"{self.readable_len} device-readable bytes exceed {max_len}")
-        return b"".join(self.mem.read_exact(d.addr, d.len) for d in self.readable)
+        ram = self.mem.ram
+        return b"".join(ram[d.offset : d.offset + d.len] for d in self.readable)
 
     def write_writable(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Copy `data` into the device-writable buffers starting `offset` bytes in.
@@ -231,7 +275,8 @@ class DescriptorChain:
                 skip -= d.len
                 continue
             n = min(d.len - skip, len(src) - pos)
-            self.mem.write_all(d.addr + skip, src[pos : pos + n])
+            at = d.offset + skip
+            self.mem.ram[at : at + n] = src[pos : pos + n]
             pos += n
             skip = 0
         return pos
@@ -240,7 +285,8 @@ class DescriptorChain:
     def writable_views(self) -> Iterator[list[memoryview]]:
         """Zero-copy views of the device-writable buffers (for readv/preadv), released on
         exit so guest memory teardown is never blocked by a forgotten view."""
-        views = [self.mem.view(d.addr, d.len) for d in self.writable]
+        ram = self.mem.ram
+        views = [ram[d.offset : d.offset + d.len] for d in self.writable]
         try:
             yield views
         finally:
@@ -251,7 +297,8 @@ class DescriptorChain:
     def readable_views(self) -> Iterator[list[memoryview]]:
         """Zero-copy views of the device-readable buffers (for writev/pwritev). The guest
         can change these bytes at any time: parse headers from readable_bytes() instead."""
-        views = [self.mem.view(d.addr, d.len) for d in self.readable]
+        ram = self.mem.ram
+        views = [ram[d.offset : d.offset + d.len] for d in self.readable]
         try:
             yield views
         finally:

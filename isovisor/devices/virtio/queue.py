@@ -12,6 +12,12 @@ writing a used element before `used.idx` (§2.7.8.2), need no fence. The one reo
 does allow, a later load passing an earlier store, matters where the device publishes an
 index and then reads the driver's suppression field (or the reverse): there `_full_fence`
 runs a locked instruction.
+
+Speed. The rings are range-checked once, when the queue is set up (`check_layout`, again
+in `Virtqueue.__init__`), and from then on read and written through `GuestMemory.ram` at
+the memfd offsets that check returned: no per-access check. `pop_heads` takes every
+available chain head with one read of avail.idx (a device serving a notify drains the
+ring in one go); each chain is still walked and validated on its own (`chain`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from isovisor.devices.virtio.chain import DescriptorChain, GuestProtocolError
+from isovisor.devices.virtio.chain import (
+    Descriptor,
+    DescriptorChain,
+    GuestProtocolError,
+    walk_chain,
+)
 from isovisor.devices.virtio.constants import (
     AVAIL_ALIGN,
     AVAIL_F_NO_INTERRUPT,
@@ -37,6 +48,7 @@ from isovisor.memory import GuestMemory, GuestMemoryError
 _U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
 _USED_ELEM = struct.Struct("<II")
+_U16_FIELD = struct.Struct("<H")
 _FENCE_LOCK = threading.Lock()
 
 
@@ -121,23 +133,23 @@ class Virtqueue:
         self.next_avail = 0  # free-running u16: the next available-ring slot to consume
         self.next_used = 0  # free-running u16: the used idx the device last published
         self._signalled_used: int | None = None  # next_used at the last notification check
+        n = cfg.size
+        # memfd offsets of the checked rings (check_layout proved each whole part is RAM)
+        self._desc_off = mem.check_range(cfg.desc_table, desc_table_size(n))
+        avail = mem.check_range(cfg.avail_ring, avail_ring_size(n))
+        used = mem.check_range(cfg.used_ring, used_ring_size(n))
+        self._avail_flags_off = avail
+        self._avail_idx_off = avail + 2
+        self._avail_ring_off = avail + 4
+        self._used_event_off = avail + 4 + 2 * n  # §2.7.6: after ring[Queue Size]
+        self._used_idx_off = used + 2
+        self._used_ring_off = used + 4
+        self._avail_event_off = used + 4 + USED_ELEM_SIZE * n  # §2.7.8: after ring[]
 
     # --- ring fields ------------------------------------------------------------------
 
-    @property
-    def _avail_idx_addr(self) -> int:
-        return self.avail_ring + 2
-
-    @property
-    def _used_event_addr(self) -> int:
-        return self.avail_ring + 4 + 2 * self.size  # §2.7.6: after ring[Queue Size]
-
-    @property
-    def _avail_event_addr(self) -> int:
-        return self.used_ring + 4 + USED_ELEM_SIZE * self.size  # §2.7.8: after ring[]
-
     def avail_idx(self) -> int:
-        return self.mem.read_u16(self._avail_idx_addr)
+        return int(_U16_FIELD.unpack_from(self.mem.ram, self._avail_idx_off)[0])
 
     def pending(self) -> int:
         """Chains the driver has made available that the device has not popped.
@@ -155,25 +167,59 @@ class Virtqueue:
 
     # --- device operations -----------------------------------------------------------
 
+    def chain(self, head: int) -> DescriptorChain:
+        """The chain at `head` (not yet walked: iterating it validates)."""
+        return DescriptorChain(
+            self.mem, self.desc_table, self.size, head,
+            indirect_allowed=self.indirect, table_offset=self._desc_off,
+        )
+
+    def walk(self, head: int) -> tuple[Descriptor, ...]:
+        """The chain at `head`, walked and validated (GuestProtocolError otherwise): what
+        `chain(head).descriptors()` returns, without the chain object."""
+        return walk_chain(
+            self.mem, self.desc_table, self.size, head,
+            indirect_allowed=self.indirect, table_offset=self._desc_off,
+        )
+
     def pop(self) -> DescriptorChain | None:
         """The next available chain (not yet walked: iterating it validates), or None."""
         if self.pending() == 0:
             return None
         # ORDERING: x86 keeps this load after the avail.idx load above (§2.7.13.3.1).
         slot = self.next_avail % self.size
-        head = self.mem.read_u16(self.avail_ring + 4 + 2 * slot)
+        ram = self.mem.ram
+        head = int(_U16_FIELD.unpack_from(ram, self._avail_ring_off + 2 * slot)[0])
         self.next_avail = (self.next_avail + 1) & _U16
         if self.event_idx:
             # §2.7.10: ask for a notification as soon as anything past what we consumed
             # is added; written before the re-check in enable_notification().
-            self.mem.write_u16(self._avail_event_addr, self.next_avail)
-        return DescriptorChain(
-            self.mem, self.desc_table, self.size, head, indirect_allowed=self.indirect
-        )
+            _U16_FIELD.pack_into(ram, self._avail_event_off, self.next_avail)
+        return self.chain(head)
 
-    def undo_pop(self) -> None:
-        """Give the last popped chain back (a device that must defer it)."""
-        self.next_avail = (self.next_avail - 1) & _U16
+    def pop_heads(self) -> list[int]:
+        """The heads of every chain available now, consumed (walk each with `chain`).
+
+        One avail.idx read for the lot (with pending()'s check that it did not jump past
+        Queue Size); the heads are plain numbers here, checked when their chain is walked."""
+        n = self.pending()
+        if n == 0:
+            return []
+        # ORDERING: x86 keeps these loads after the avail.idx load above (§2.7.13.3.1).
+        ram, size = self.mem.ram, self.size
+        start = self.next_avail % size
+        first = min(n, size - start)
+        heads = list(struct.unpack_from(f"<{first}H", ram, self._avail_ring_off + 2 * start))
+        if first < n:  # the ring wrapped
+            heads += struct.unpack_from(f"<{n - first}H", ram, self._avail_ring_off)
+        self.next_avail = (self.next_avail + n) & _U16
+        if self.event_idx:
+            _U16_FIELD.pack_into(ram, self._avail_event_off, self.next_avail)  # as in pop()
+        return heads
+
+    def undo_pop(self, count: int = 1) -> None:
+        """Give the last `count` popped chains back (a device that must defer them)."""
+        self.next_avail = (self.next_avail - count) & _U16
 
     def add_used(self, head: int, written: int) -> None:
         """Return chain `head` to the driver, `written` bytes written into it (§2.7.8)."""
@@ -181,12 +227,12 @@ class Virtqueue:
             raise GuestProtocolError(f"used id {head} is outside the queue of size {self.size}")
         if not 0 <= written <= _U32:
             raise ValueError(f"used length {written} does not fit 32 bits")
+        ram = self.mem.ram
         slot = self.next_used % self.size
-        elem = _USED_ELEM.pack(head, written)
-        self.mem.write_all(self.used_ring + 4 + USED_ELEM_SIZE * slot, elem)
+        _USED_ELEM.pack_into(ram, self._used_ring_off + USED_ELEM_SIZE * slot, head, written)
         # ORDERING: x86 keeps this store after the element's (§2.7.8.2: len before idx).
         self.next_used = (self.next_used + 1) & _U16
-        self.mem.write_u16(self.used_ring + 2, self.next_used)
+        _U16_FIELD.pack_into(ram, self._used_idx_off, self.next_used)
 
     def needs_notification(self) -> bool:
         """Whether the used buffers added since the last check warrant an interrupt.
@@ -199,11 +245,12 @@ class Virtqueue:
         new = self.next_used
         if not self.event_idx:
             self._signalled_used = new
-            return not self.mem.read_u16(self.avail_ring) & AVAIL_F_NO_INTERRUPT
+            flags: int = _U16_FIELD.unpack_from(self.mem.ram, self._avail_flags_off)[0]
+            return not flags & AVAIL_F_NO_INTERRUPT
         old, self._signalled_used = self._signalled_used, new
         if old is None:
             return True
-        event = self.mem.read_u16(self._used_event_addr)
+        event: int = _U16_FIELD.unpack_from(self.mem.ram, self._used_event_off)[0]
         return ((new - event - 1) & _U16) < ((new - old) & _U16)
 
     def enable_notification(self) -> bool:
@@ -211,6 +258,6 @@ class Virtqueue:
         chains arrived meanwhile (then the device must keep going, or it might sleep on
         buffers the driver will never notify again)."""
         if self.event_idx:
-            self.mem.write_u16(self._avail_event_addr, self.next_avail)
+            _U16_FIELD.pack_into(self.mem.ram, self._avail_event_off, self.next_avail)
         _full_fence()  # ORDERING: avail_event is visible before avail.idx is re-read
         return self.pending() > 0

@@ -19,11 +19,17 @@ from isovisor.devices.virtio.blk_request import (
     Status,
     frame,
     parse,
+    parse_common,
     parse_segments,
     segments_length_ok,
     split,
 )
 from isovisor.devices.virtio.chain import Descriptor
+
+
+def D(addr: int, length: int, writable: bool) -> Descriptor:  # noqa: N802 - reads as the type
+    """A checked descriptor in the low RAM region, where the memfd offset is the address."""
+    return Descriptor(addr, length, writable, addr)
 
 LIMITS = Limits(capacity=2048, readonly=False, discard=True, write_zeroes=True,
                 max_discard_sectors=1 << 22, max_discard_seg=32,
@@ -35,32 +41,32 @@ def hdr(rtype: int, sector: int) -> bytes:
 
 
 def test_split_cuts_a_stream() -> None:
-    descs = [Descriptor(0x1000, 10, False), Descriptor(0x2000, 10, False)]
-    assert split(descs, 5, 10) == (Descriptor(0x1005, 5, False), Descriptor(0x2000, 5, False))
-    assert split(descs, 10, 10) == (Descriptor(0x2000, 10, False),)
+    descs = [D(0x1000, 10, False), D(0x2000, 10, False)]
+    assert split(descs, 5, 10) == (D(0x1005, 5, False), D(0x2000, 5, False))
+    assert split(descs, 10, 10) == (D(0x2000, 10, False),)
     assert split(descs, 0, 0) == ()
 
 
 def test_frame_general_shapes() -> None:
     r, w = False, True
     # header in two pieces, data and status in one writable buffer
-    f = frame([Descriptor(0x1000, 8, r), Descriptor(0x2000, 8, r), Descriptor(0x3000, 513, w)])
+    f = frame([D(0x1000, 8, r), D(0x2000, 8, r), D(0x3000, 513, w)])
     assert isinstance(f, Framing)
-    assert f.header == (Descriptor(0x1000, 8, r), Descriptor(0x2000, 8, r))
-    assert f.writable_data == (Descriptor(0x3000, 512, w),) and f.status_addr == 0x3200
+    assert f.header == (D(0x1000, 8, r), D(0x2000, 8, r))
+    assert f.writable_data == (D(0x3000, 512, w),) and f.status_addr == 0x3200
     # header and data in one readable buffer
-    f = frame([Descriptor(0x1000, 16 + 512, r), Descriptor(0x3000, 1, w)])
-    assert isinstance(f, Framing) and f.readable_data == (Descriptor(0x1010, 512, r),)
+    f = frame([D(0x1000, 16 + 512, r), D(0x3000, 1, w)])
+    assert isinstance(f, Framing) and f.readable_data == (D(0x1010, 512, r),)
     # a zero-length last writable descriptor: the status is in the one before
-    f = frame([Descriptor(0x1000, 16, r), Descriptor(0x3000, 1, w), Descriptor(0x4000, 0, w)])
+    f = frame([D(0x1000, 16, r), D(0x3000, 1, w), D(0x4000, 0, w)])
     assert isinstance(f, Framing) and f.status_addr == 0x3000
-    assert frame([Descriptor(0x1000, 16, r)]) == Rejected(Status.IOERR, None,
+    assert frame([D(0x1000, 16, r)]) == Rejected(Status.IOERR, None,
                                                          "no device-writable byte for the status")
 
 
 def test_parse_in_out_and_bounds() -> None:
-    f = frame([Descriptor(0x1000, 16, False), Descriptor(0x2000, 1024, True),
-               Descriptor(0x3000, 1, True)])
+    f = frame([D(0x1000, 16, False), D(0x2000, 1024, True),
+               D(0x3000, 1, True)])
     assert isinstance(f, Framing)
     req = parse(f, hdr(0, 2046), LIMITS)
     assert isinstance(req, BlkRequest) and req.offset == 2046 * 512 and req.length == 1024
@@ -71,9 +77,9 @@ def test_parse_in_out_and_bounds() -> None:
 
 
 descriptor = st.builds(
-    Descriptor,
+    D,
     addr=st.integers(0, 1 << 40),
-    len=st.integers(0, 1 << 20) | st.sampled_from([0, 1, 15, 16, 17, 511, 512, 513]),
+    length=st.integers(0, 1 << 20) | st.sampled_from([0, 1, 15, 16, 17, 511, 512, 513]),
     writable=st.booleans(),
 )
 types = st.sampled_from([int(t) for t in RequestType]) | st.integers(0, 0xFFFF_FFFF)
@@ -116,3 +122,56 @@ def test_nothing_unchecked_gets_through(
     else:
         assert req.type is RequestType.FLUSH and not req.data
     assert len(hdr(rtype, sector)) == HEADER_SIZE
+
+
+# --- the fast path -----------------------------------------------------------------------
+
+_RO_LIMITS = Limits(capacity=2048, readonly=True, discard=False, write_zeroes=False,
+                    max_discard_sectors=0, max_discard_seg=0,
+                    max_write_zeroes_sectors=0, max_write_zeroes_seg=0)
+_common_len = st.sampled_from([0, 1, 15, 16, 17, 511, 512, 513, 4096, 65536, 2048 * 512])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    lens=st.tuples(_common_len, _common_len, _common_len),
+    writable=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    extra=st.integers(0, 2),
+    rtype=st.sampled_from([0, 1, 4, 8, 11, 13, 99]) | st.integers(0, 0xFFFF_FFFF),
+    sector=st.sampled_from([0, 1, 2040, 2047, 2048, U64_MAX >> 9, U64_MAX]) | st.integers(0, 4096),
+    readonly=st.booleans(),
+)
+def test_parse_common_agrees_with_the_general_parser(
+    lens: tuple[int, int, int], writable: tuple[bool, bool, bool], extra: int, rtype: int,
+    sector: int, readonly: bool,
+) -> None:
+    """The fast path never admits what frame + parse would not, and when it answers, it
+    answers exactly what they would."""
+    ram = bytearray(0x100)
+    struct.pack_into("<IIQ", ram, 0x10, rtype, 0, sector)
+    shapes = [D(0x10, lens[0], writable[0]), D(0x1000, lens[1], writable[1]),
+              D(0x80000, lens[2], writable[2])] + [D(0x90000, 512, True)] * extra
+    descs = sorted(shapes, key=lambda d: d.writable)  # as the chain walker guarantees
+    limits = _RO_LIMITS if readonly else LIMITS
+    fast = parse_common(descs, ram, limits)
+    if fast is None:
+        return
+    f = frame(descs)
+    assert isinstance(f, Framing)
+    general = parse(f, bytes(ram[0x10:0x20]), limits)
+    assert fast == general
+
+
+def test_parse_common_takes_the_usual_read_and_write() -> None:
+    ram = bytearray(0x100)
+    struct.pack_into("<IIQ", ram, 0x10, 0, 0, 8)
+    descs = [D(0x10, 16, False), D(0x1000, 4096, True), D(0x2000, 1, True)]
+    req = parse_common(descs, ram, LIMITS)
+    assert req == BlkRequest(RequestType.IN, 8, (descs[1],), 4096, 0x2000)
+    struct.pack_into("<IIQ", ram, 0x10, 1, 0, 2047)
+    descs[1] = D(0x1000, 512, False)
+    assert parse_common(descs, ram, LIMITS) == BlkRequest(RequestType.OUT, 2047, (descs[1],),
+                                                          512, 0x2000)
+    assert parse_common(descs, ram, _RO_LIMITS) is None  # a write on a read-only disk
+    struct.pack_into("<IIQ", ram, 0x10, 1, 0, 2048)
+    assert parse_common(descs, ram, LIMITS) is None  # past the end: the general path fails it

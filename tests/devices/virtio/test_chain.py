@@ -65,14 +65,14 @@ def test_readable_then_writable_chain(mem: GuestMemory) -> None:
     d.set_desc(7, BUF_ADDR + 0x100, 32, N | W, 1)
     d.set_desc(1, BUF_ADDR + 0x200, 8, W)
     assert walk(mem, head=3) == [
-        Descriptor(BUF_ADDR, 16, False),
-        Descriptor(BUF_ADDR + 0x100, 32, True),
-        Descriptor(BUF_ADDR + 0x200, 8, True),
+        Descriptor(BUF_ADDR, 16, False, BUF_ADDR),
+        Descriptor(BUF_ADDR + 0x100, 32, True, BUF_ADDR + 0x100),
+        Descriptor(BUF_ADDR + 0x200, 8, True, BUF_ADDR + 0x200),
     ]
 
 
 def test_descriptor_is_immutable() -> None:
-    d = Descriptor(1, 2, False)
+    d = Descriptor(1, 2, False, 1)
     with pytest.raises(AttributeError):
         d.len = 5  # type: ignore[misc]
 
@@ -87,7 +87,7 @@ def test_longest_legal_chain_uses_every_entry(mem: GuestMemory) -> None:
 
 def test_zero_length_buffers_are_allowed(mem: GuestMemory) -> None:
     FakeDriver(mem).set_desc(0, BUF_ADDR, 0, W)
-    assert walk(mem) == [Descriptor(BUF_ADDR, 0, True)]
+    assert walk(mem) == [Descriptor(BUF_ADDR, 0, True, BUF_ADDR)]
 
 
 def test_indirect_table(mem: GuestMemory) -> None:
@@ -232,15 +232,17 @@ def test_total_length_overflow(big_mem: GuestMemory) -> None:
     assert sum(x.len for x in walk(big_mem)) == 0xFFFF_FFFF
 
 
-def test_errors_surface_while_iterating_not_before(mem: GuestMemory) -> None:
-    """The iterator yields checked descriptors up to the broken one."""
+def test_a_broken_tail_refuses_the_whole_chain(mem: GuestMemory) -> None:
+    """No descriptor is handed out before the whole chain is checked: a good head with a
+    broken tail yields nothing."""
     d = FakeDriver(mem)
     d.set_desc(0, BUF_ADDR, 4, N, 1)
     d.set_desc(1, mem.size, 4, 0)
-    it = iter(chain(mem))
-    assert next(it) == Descriptor(BUF_ADDR, 4, False)
+    ch = chain(mem)
     with pytest.raises(GuestProtocolError):
-        next(it)
+        iter(ch)
+    with pytest.raises(GuestProtocolError):
+        ch.descriptors()
 
 
 # --- helpers ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ MUTANTS = (
            ("virtqueue",),
            ("tests/memory/test_guest_memory.py::test_out_of_range_is_refused",)),
     Mutant("descriptor-chain-hop-budget", "isovisor.devices.virtio.chain",
-           "DescriptorChain._walk", "if budget == 0:", "if budget == 0 and False:",
+           "walk_chain", "if budget == 0:", "if budget == 0 and False:",
            ("virtqueue",),
            ("tests/devices/virtio/test_chain.py::test_self_loop",)),
     Mutant("queue-size-power-of-two", "isovisor.devices.virtio.queue", "check_layout",
