@@ -29,7 +29,7 @@ def test_v1_layout_writes_the_v1_files(tmp_path: Path) -> None:
     layout = cgroups.Layout(v1=_v1_tree(tmp_path))
     g = cgroups.create("vm-7", LIMITS, layout)
     d = {p.parent.parent.name: p for p in g.dirs}
-    assert (d["cpu"] / "cpu.cfs_quota_us").read_text() == "200000"
+    assert (d["cpu"] / "cpu.cfs_quota_us").read_text() == "300000"  # 2 vCPUs + 1 VMM core
     assert (d["cpu"] / "cpu.cfs_period_us").read_text() == "100000"
     assert (d["cpuset"] / "cpuset.cpus").read_text() == "0-1"
     assert (d["cpuset"] / "cpuset.mems").read_text() == "0"

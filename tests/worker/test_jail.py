@@ -67,7 +67,7 @@ def test_cgroup_limits_are_applied(vms: Vms) -> None:
     assert int((mem / "memory.limit_in_bytes").read_text()) == h.cgroups.limits.memory_bytes
     assert h.cgroups.limits.memory_bytes > MEMORY
     cpu = next(d for s, d in text.items() if "/cpu/" in s)
-    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "200000"
+    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "300000"  # 2 vCPUs + 1 VMM
     cpuset = next(d for s, d in text.items() if "/cpuset/" in s)
     assert (cpuset / "cpuset.cpus").read_text().strip() == "0"
     pids = next(d for s, d in text.items() if "/pids/" in s)
