@@ -139,3 +139,19 @@ def test_resettable_pcrs_are_refused(files: IntegrityFiles, tpm: Tpm, tmp_path: 
     bad = GateConfig(**{**cfg.__dict__, "platform_pcr": 16})
     with pytest.raises(IntegrityError, match=r"PCR \[16\] can be reset from locality 0"):
         LaunchGate(bad, tpm).open()
+
+
+def test_restarted_daemon_continues_the_log_of_this_tpm_boot(
+        gate: LaunchGate, tpm: Tpm) -> None:
+    first = gate.check()
+    again = LaunchGate(gate.config, tpm)  # a daemon restart; the TPM did not reset
+    again.open()
+    report = again.check()
+    assert report.extended == [] and report.pcrs == first.pcrs
+
+
+def test_lost_event_log_refuses_until_the_tpm_resets(gate: LaunchGate, tpm: Tpm) -> None:
+    gate.check()
+    gate.config.event_log.unlink()  # an attacker (or an accident) removes the record
+    why = refused(gate)
+    assert "PCR 12 (SHA-256)" in why.message and "replays to" in why.message
