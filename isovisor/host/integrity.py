@@ -164,6 +164,11 @@ class HostIntegrity:
         except GateRefusal as exc:
             self._audit(exc, vm)
             raise LaunchRefused(exc.message) from exc
+        except Exception as exc:  # a bug in a check must not let the launch through
+            log.exception("launch gate failed")
+            refusal = GateRefusal(KIND_GATE, f"the launch gate failed: {exc}")
+            self._audit(refusal, vm)
+            raise LaunchRefused(refusal.message) from exc
 
     def close(self) -> None:
         if self.swtpm is not None:

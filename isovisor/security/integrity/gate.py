@@ -119,12 +119,18 @@ class LaunchGate:
 
     def check(self) -> GateReport:
         """Raises LaunchRefused with the precise reason; returns what it checked."""
-        with self._lock, self.log_file.locked():
-            manifest = self._verify_code()
+        with self._lock:
             try:
-                return self._measure_and_compare(manifest)
-            except TpmError as exc:
+                with self.log_file.locked():
+                    return self._measure_and_compare(self._verify_code())
+            except LaunchRefused:
+                raise
+            except TpmError as exc:  # fail closed: no TPM, no launch
                 raise LaunchRefused(KIND_GATE, f"TPM: {exc}") from exc
+            except IntegrityError as exc:  # e.g. an unreadable or malformed event log
+                raise LaunchRefused(KIND_GATE, f"measured launch: {exc}") from exc
+            except OSError as exc:  # the event log cannot be written
+                raise LaunchRefused(KIND_GATE, f"measured launch state: {exc}") from exc
 
     def _verify_code(self) -> Manifest:
         cfg = self.config

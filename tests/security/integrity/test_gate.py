@@ -155,3 +155,22 @@ def test_lost_event_log_refuses_until_the_tpm_resets(gate: LaunchGate, tpm: Tpm)
     gate.config.event_log.unlink()  # an attacker (or an accident) removes the record
     why = refused(gate)
     assert "PCR 12 (SHA-256)" in why.message and "replays to" in why.message
+
+
+def test_corrupt_event_log_refuses_cleanly(gate: LaunchGate) -> None:
+    gate.check()
+    gate.config.event_log.write_text('{"schema": 1, "boot": "x"')
+    why = refused(gate)
+    assert why.kind == KIND_GATE and why.message.startswith("measured launch: the event log")
+
+
+def test_unreachable_tpm_refuses(files: IntegrityFiles, tmp_path: Path) -> None:
+    from isovisor.security.tpm import Swtpm, TpmAddress
+
+    with Swtpm(tmp_path / "tpm2") as sw:
+        g = LaunchGate(files.gate_config(tmp_path / "log2.json"),
+                       Tpm(TpmAddress.swtpm(sw.socket_path)))
+        g.open()
+        g.check()
+    why = refused(g)  # swtpm is gone
+    assert why.message.startswith("TPM: cannot reach the TPM")
