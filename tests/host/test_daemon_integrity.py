@@ -102,3 +102,20 @@ def test_kernel_parameter_outside_policy_refuses_start(tmp_path: Path) -> None:
     transitions = _security_records(state, "vm.lifecycle")
     assert any("start failed: platform integrity: measurement kvm.kvm.ignore_msrs"
                in str(t["reason"]) for t in transitions)
+
+
+def test_a_host_failing_at_start_is_audited_and_runs_nothing(tmp_path: Path) -> None:
+    files = make_integrity_files(tmp_path / "integrity")
+    (files.measure_root / "proc/sys/kernel/randomize_va_space").write_text("0\n")
+    daemon = _daemon(tmp_path, files)  # it starts: its API says why VMs cannot
+    state = daemon.config.state_dir
+    try:
+        with _client(daemon) as c:
+            c.post("/v1/tenants", json={"name": "a"})
+            c.put("/v1/tenants/a/images/k", content=b"not even a kernel")
+            err = _refused_start(c, "v")
+            assert err.code == "LaunchRefused" and "kernel.randomize_va_space" in err.message
+    finally:
+        daemon.stop()
+    records = _security_records(state, "security.launch-gate-refused")
+    assert [r["scope"] for r in records] == [None, "/tenants/a/vms/v"]  # start, then the VM
