@@ -53,6 +53,11 @@ def test_tampered_code_refuses_the_next_vm_start(
     try:
         assert daemon.integrity is not None and daemon.integrity.swtpm is not None
         assert daemon.integrity.swtpm.running and tpm_file(state).exists()
+        integrity = state / "integrity"
+        for path, mode in ((integrity, 0o700), (integrity / "swtpm", 0o700),
+                           (integrity / "swtpm" / "swtpm.sock", 0o600),
+                           (integrity / "eventlog.json", 0o600)):
+            assert path.stat().st_mode & 0o777 == mode, path
         with _client(daemon) as c:
             c.post("/v1/tenants", json={"name": "a"})
             c.put("/v1/tenants/a/images/k", content=built_guests["hello"].read_bytes())
