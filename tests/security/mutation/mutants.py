@@ -56,6 +56,11 @@ MUTANTS = (
            "VirtioDevice.read_config", "offset + size > len(data)", "offset > len(data)",
            ("virtio_mmio",),
            ("tests/devices/virtio/test_mmio.py::test_config_space_bounds",)),
+    Mutant("nic-anti-spoof-ip", "isovisor.host.network.ruleset", "nic_ruleset",
+           'f"    ether type ip ip saddr {ip} accept\\n"', '"    ether type ip accept\\n"',
+           ("tenant_networks",),
+           ("tests/network/test_plumbing.py::test_a_nic_sends_only_from_its_own_addresses_and_"
+            "only_inside_its_network",)),
 )
 
 # Controls: changes that weaken nothing. They must survive, or the machinery would be
