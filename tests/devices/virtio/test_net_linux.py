@@ -2,10 +2,16 @@
 gets a DHCP lease through our device, and through QEMU microvm's, from a dnsmasq on the
 other end of a TAP.
 
-Each VMM gets a network namespace of its own holding the TAP (addressed 10.201.0.1/24)
-and a DHCP-only dnsmasq bound to it; the VMM runs inside that namespace, so the guest can
-reach nothing else. isovisor runs as `isovisor run` does by default, in its jailed worker
-(nsenter switches only the network namespace: the jail needs the host's /sys). The kernel
+Each VMM gets a network namespace of its own. isovisor's guest sits on a tenant network
+as the daemon builds them (isovisor.host.network: a bridge, the NIC's TAP behind its
+anti-spoofing rules, a dnsmasq that knows the NIC's fixed MAC and IP), with a second
+tenant's network and dnsmasq alive beside it in the same namespace, a different CIDR, and
+that dnsmasq told about the very same MAC: the lease must be the NIC's assigned address
+from its own network's server, and the other server must never hear the guest. isovisor
+runs as `isovisor run` does by default, in its jailed worker, attaching the TAP with
+`--net tap=...,netns=...` as the daemon does (nsenter switches only the network namespace:
+the jail needs the host's /sys). QEMU's guest keeps the plain set-up it always had: a TAP
+addressed 10.201.0.1/24 and a DHCP-only dnsmasq bound to it. The kernel
 configures eth0 with `ip=dhcp`, then finds no root disk ("VFS: Unable to mount root fs"),
 panics and, with panic=-1, resets: both VMMs exit 0. Kernel-mode code is interpreted on
 this host (minutes per boot), so both boots start together, as two processes, when the
@@ -14,6 +20,7 @@ module's first test asks for them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -26,6 +33,9 @@ from pathlib import Path
 
 import pytest
 
+from isovisor.host.network.addressing import NetworkPlan, NicPlan
+from isovisor.host.network.dhcp import LOG_FILE
+from isovisor.host.network.plumbing import NetworkPlumbing
 from tests.conftest import NO_KVM_REASON, REPO, TEST_KERNEL, kvm_usable
 from tests.devices.virtio.netns import NetNs, namespaces_left
 
@@ -44,6 +54,12 @@ FIRST, LAST = "10.201.0.10", "10.201.0.50"
 GUEST_TIMEOUT_S = 1200
 TEST_TIMEOUT_S = 1500
 VMMS = ("isovisor", "qemu")
+# isovisor's guest: tenant A's network and NIC; tenant B's network beside it, whose dnsmasq
+# also has an entry for A's NIC's MAC (so it would answer, were it ever reached).
+NET_A = NetworkPlan("0000aa01", ipaddress.IPv4Network("10.201.0.0/24"))
+NET_B = NetworkPlan("0000bb01", ipaddress.IPv4Network("10.202.0.0/24"))
+NIC_A = NicPlan("0000aa02", NET_A, "02:00:0a:c9:00:07", ipaddress.IPv4Address("10.201.0.7"))
+DECOY_B = NicPlan("0000bb02", NET_B, NIC_A.mac, ipaddress.IPv4Address("10.202.0.7"))
 DHCP_LINE = re.compile(
     r"IP-Config: Got DHCP answer from (\S+), my address is (\d+\.\d+\.\d+\.\d+)"
 )
@@ -58,6 +74,7 @@ class Boot:
     stderr: Path
     dnsmasq_log: Path
     started: float
+    other_dnsmasq_log: Path | None = None  # tenant B's server (isovisor only)
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,7 @@ class BootResult:
     stderr: str
     dnsmasq: str
     seconds: float
+    other_dnsmasq: str = ""
 
     def context(self) -> str:
         tail = "\n".join(self.stdout.splitlines()[-20:])
@@ -78,11 +96,12 @@ class BootResult:
         )
 
 
-def vmm_argv(vmm: str) -> list[str]:
+def vmm_argv(vmm: str, netns: str = "") -> list[str]:
     if vmm == "isovisor":
         return [
             sys.executable, "-m", "isovisor.cli.main", "run",
-            "--kernel", str(TEST_KERNEL), "--net", f"tap={TAP}", "--memory", "256M",
+            "--kernel", str(TEST_KERNEL), "--memory", "256M",
+            "--net", f"tap={NIC_A.tap},mac={NIC_A.mac},netns={netns}",
             "--cmdline", CMDLINE, "--serial", "stdio", "--timeout", str(GUEST_TIMEOUT_S),
         ]
     return [
@@ -98,19 +117,29 @@ def vmm_argv(vmm: str) -> list[str]:
 
 def start_boot(vmm: str, directory: Path) -> Boot:
     ns = NetNs()
+    other = None
     try:
-        ns.add_tap(TAP, f"{SERVER}/24")
-        log = directory / f"{vmm}.dnsmasq"
-        ns.start_dnsmasq(TAP, FIRST, LAST, log)
+        if vmm == "isovisor":
+            plumbing = NetworkPlumbing(ns.name, directory / "net")
+            plumbing.ensure_network(NET_A, [NIC_A])
+            plumbing.ensure_network(NET_B, [DECOY_B])
+            plumbing.ensure_nic(NIC_A)
+            plumbing.ensure_nic(DECOY_B)  # B's own segment has a NIC (a TAP) too
+            log = directory / "net" / NET_A.id / LOG_FILE
+            other = directory / "net" / NET_B.id / LOG_FILE
+        else:
+            ns.add_tap(TAP, f"{SERVER}/24")
+            log = directory / f"{vmm}.dnsmasq"
+            ns.start_dnsmasq(TAP, FIRST, LAST, log)
         out, err = directory / f"{vmm}.out", directory / f"{vmm}.err"
         with out.open("wb") as o, err.open("wb") as e:
-            proc = ns.popen(vmm_argv(vmm), net_only=vmm == "isovisor", cwd=REPO,
+            proc = ns.popen(vmm_argv(vmm, ns.name), net_only=vmm == "isovisor", cwd=REPO,
                             stdin=subprocess.DEVNULL, stdout=o, stderr=e,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     except BaseException:
         ns.close()
         raise
-    return Boot(vmm, ns, proc, out, err, log, time.monotonic())
+    return Boot(vmm, ns, proc, out, err, log, time.monotonic(), other)
 
 
 def finish(boot: Boot) -> BootResult:
@@ -123,6 +152,7 @@ def finish(boot: Boot) -> BootResult:
         boot.vmm, rc, boot.stdout.read_text(errors="replace"),
         boot.stderr.read_text(errors="replace"),
         boot.dnsmasq_log.read_text(errors="replace"), time.monotonic() - boot.started,
+        boot.other_dnsmasq_log.read_text(errors="replace") if boot.other_dnsmasq_log else "",
     )
 
 
@@ -156,10 +186,18 @@ def check_boot(result: BootResult) -> str:
     found = [m for m in map(DHCP_LINE.search, lines) if m]
     assert found, ctx
     server, address = found[0].groups()
-    assert server == SERVER, ctx
-    last_octet = int(address.rsplit(".", 1)[1])
-    assert address.startswith("10.201.0.") and 10 <= last_octet <= 50, ctx
-    assert f"DHCPACK({TAP}) {address}" in result.dnsmasq, ctx
+    if result.vmm == "isovisor":
+        # its own tenant network's server, the NIC's fixed address, never tenant B's
+        assert server == str(NET_A.gateway) and address == str(NIC_A.ip), ctx
+        assert f"DHCPACK({NET_A.bridge}) {address} {NIC_A.mac}" in result.dnsmasq, ctx
+        assert "DHCP, static leases only on 10.202.0.0" in result.other_dnsmasq, ctx
+        assert NIC_A.mac not in result.other_dnsmasq, result.other_dnsmasq
+        assert "DHCPDISCOVER" not in result.other_dnsmasq, result.other_dnsmasq
+    else:
+        assert server == SERVER, ctx
+        last_octet = int(address.rsplit(".", 1)[1])
+        assert address.startswith("10.201.0.") and 10 <= last_octet <= 50, ctx
+        assert f"DHCPACK({TAP}) {address}" in result.dnsmasq, ctx
     dhcp_at = next(i for i, ln in enumerate(lines) if DHCP_LINE.search(ln))
     panic = [i for i, ln in enumerate(lines) if "VFS: Unable to mount root fs" in ln]
     assert panic and panic[-1] > dhcp_at, ctx
