@@ -74,6 +74,7 @@ from isovisor.security.audit.segments import (
 log = logging.getLogger("isovisor.security.audit")
 
 Forwarder = Callable[[Entry], None]
+LAZY_BACKLOG = 4096  # non-durable writes waiting: fsync now rather than track more
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,11 @@ class AuditLog:
         self._failed: str | None = None
         self._closed = False
         self._to_forward: deque[tuple[int, Entry]] = deque()
+        # (end, time) of non-durable writes not yet known durable: the background fsyncs
+        # them once the oldest is a quarter of flush_seconds old, not at once, so that the
+        # durable record that usually follows within milliseconds (a request's own) covers
+        # them and does not queue behind a background fsync.
+        self._lazy: deque[tuple[int, float]] = deque()
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._stop = threading.Event()
@@ -204,6 +210,8 @@ class AuditLog:
             if self._segment_size >= self.config.segment_bytes:
                 self._rotate()
             target = self._written
+            if not durable:
+                self._lazy.append((target, time.monotonic()))
             if durable and not self.config.group_commit:
                 self._sync_locked()
         if durable:
@@ -389,16 +397,28 @@ class AuditLog:
             self._cond.notify_all()
 
     def _background(self) -> None:
-        """Time-based checkpoints, and fsync of non-durable appends."""
-        interval = min(self.config.flush_seconds, self.config.checkpoint_seconds)
-        while not self._stop.wait(interval):
+        """Time-based checkpoints, and fsync of non-durable appends: a tick every quarter
+        of flush_seconds; appends are fsynced once the oldest not yet durable is a quarter
+        of flush_seconds old, so within flush_seconds (at most about three quarters)."""
+        tick = min(self.config.flush_seconds, self.config.checkpoint_seconds) / 4
+        while not self._stop.wait(tick):
             try:
                 with self._lock:
                     if self._closed or self._failed is not None:
                         return
-                    if self._since_checkpoint and (time.monotonic() - self._last_checkpoint
-                                                   >= self.config.checkpoint_seconds):
+                    now = time.monotonic()
+                    checkpoint = bool(self._since_checkpoint) and (
+                        now - self._last_checkpoint >= self.config.checkpoint_seconds)
+                    if checkpoint:
                         self._write_checkpoint("time")
+                    with self._cond:
+                        durable = self._durable
+                    while self._lazy and self._lazy[0][0] <= durable:
+                        self._lazy.popleft()
+                    due = bool(self._lazy) and (now - self._lazy[0][1] >= tick
+                                                or len(self._lazy) >= LAZY_BACKLOG)
+                    if not (checkpoint or due):
+                        continue
                     target = self._written
                 self._wait_durable(target)
             except AuditError as exc:
