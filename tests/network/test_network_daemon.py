@@ -25,7 +25,7 @@ from tests.api.stack import Stack, build_stack
 from tests.devices.virtio.netns import NetNs
 from tests.devices.virtio.serial_guests import build_serial_guest, reported
 
-TIMEOUT = 0xDEAD0001
+ALIVE = 0x600DF00D
 
 
 def _client(daemon: Daemon) -> ApiClient:
@@ -61,8 +61,8 @@ def test_networks_and_a_vm_nic_through_the_daemon(
     d, ns = daemon
     svc = d.service
     # net_driver: reports the link, sends one test frame (ethertype 0x88B5, not IPv4/ARP:
-    # the NIC's rule drops it), then waits for a reply that cannot come and resets.
-    kernel = build_serial_guest(tmp_path, "net_driver")
+    # the NIC's rule drops it), reports that the device took it, and resets.
+    kernel = build_serial_guest(tmp_path, "net_driver", "NO_REPLY")
     with _client(d) as c:
         for t in ("a", "b"):
             c.post("/v1/tenants", json={"name": t})
@@ -98,14 +98,14 @@ def test_networks_and_a_vm_nic_through_the_daemon(
         (record,) = svc.networks.store.nics_of_vm(vm["id"])
         tap = tap_name(record.id)
         out, deadline = b"", time.monotonic() + 180
-        while b"dead0001" not in out:
+        while b"600df00d" not in out:
             assert time.monotonic() < deadline, out
             out += c.raw("GET", "/v1/tenants/a/vms/v/console",
                          params={"offset": len(out), "wait": 5}).content
         values = reported(out.decode())
         # magic, version, net device, features, FEATURES_OK, link up, TX used id and len
         assert values[0] == 0x74726976 and values[2] == 1 and values[4:8] == [0x0B, 1, 0, 0]
-        assert values[-1] == TIMEOUT
+        assert values[-1] == ALIVE
         # The frame left the guest through the worker onto this VM's TAP, where its rule
         # (and nothing else) dropped it.
         rules = ns.run("nft", "list", "table", "netdev", nic_table(record.id)).stdout

@@ -9,7 +9,8 @@
 ;   MagicValue, Version, DeviceID, DeviceFeatures[31:0], Status after FEATURES_OK,
 ;   config status (link), then
 ;   HOSTILE=0: sends one frame (dst broadcast, src = the config MAC, ethertype 0x88B5,
-;              payload "isovisor-ping") and reports the TX used id and len; waits for a
+;              payload "isovisor-ping") and reports the TX used id and len (and with
+;              -DNO_REPLY stops there: tests/network/test_network_daemon.py); waits for a
 ;              frame back and reports its used len, num_buffers, ethertype (big-endian
 ;              word) and 1 if its payload starts "isovisor-pong" (else 0); then
 ;              InterruptStatus (and ACKs it)
@@ -160,6 +161,7 @@ start:
     WAIT_WORD TXUSED + 2, 1
     SEND [TXUSED + 4]
     SEND [TXUSED + 8]
+%ifndef NO_REPLY
     WAIT_WORD RXUSED + 2, 1
     SEND [RXUSED + 8]                       ; used len: header + frame
     movzx eax, word [RXBUF + 10]            ; num_buffers
@@ -184,6 +186,7 @@ start:
     mov ebx, [esi + 0x060]                  ; InterruptStatus
     SEND ebx
     mov [esi + 0x064], ebx                  ; InterruptACK
+%endif
 %else
 %if HOSTILE == 2
     mov dword [RXDESC + 0], 0xE0000000      ; not RAM
