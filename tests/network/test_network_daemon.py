@@ -158,3 +158,45 @@ def test_network_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
         assert stack.service.networks.inventory().empty
     finally:
         stack.close()
+
+
+def test_a_restart_rebuilds_what_the_records_say(tmp_path: Path) -> None:
+    """The host lost its network objects (a reboot, an operator's `ip link del`): the next
+    HostService.open() rebuilds bridges, TAPs, rules and dnsmasqs from the records."""
+    if os.geteuid() != 0:
+        pytest.skip("LOUD SKIP: tenant networks need root")
+    from isovisor.host.service import HostService
+    from isovisor.host.vms import VmSpec
+    from tests.api.stack import InertRunner
+
+    with NetNs() as ns:
+        state = tmp_path / "state"
+        svc = HostService(state, runner=InertRunner(tmp_path / "run"),  # type: ignore[arg-type]
+                          network_namespace=ns.name)
+        svc.open()
+        svc.tenants.create("a")
+        svc.images.put("a", "k", [b"\x7fELF"])
+        net = svc.networks.create("a", "lan", "10.64.0.0/24")
+        vm = svc.create_vm("a", VmSpec(name="v", kernel="k", nics=("lan",)), False, "t")
+        before = svc.networks.inventory()
+        svc.close()
+        # Everything gone: the dnsmasq killed, the bridge, TAP and tables deleted.
+        for pid in before.dnsmasq_pids:
+            os.kill(pid, 9)
+        ns.run("ip", "link", "del", net.plan.bridge)
+        ns.run("ip", "link", "del", tap_name(vm.nics[0].id))
+        ns.run("nft", "flush", "ruleset")
+        assert svc.networks.inventory().empty
+        again = HostService(state, runner=InertRunner(tmp_path / "run"),  # type: ignore[arg-type]
+                            network_namespace=ns.name)
+        try:
+            again.open()
+            after = again.networks.inventory()
+            assert (after.bridges, after.taps, sorted(after.tables)) == (
+                before.bridges, before.taps, sorted(before.tables))
+            assert len(after.dnsmasq_pids) == 1
+            assert f"master {net.plan.bridge}" in ns.links()
+            assert "ip saddr " + vm.nics[0].ip + " accept" in ns.run(
+                "nft", "list", "table", "netdev", nic_table(vm.nics[0].id)).stdout
+        finally:
+            again.close()
