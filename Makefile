@@ -26,7 +26,7 @@ help:
 	@echo "make test-slow   stock Linux boots under this host's emulation (minutes)"
 	@echo "make lint        ruff + mypy (strict on kvm, memory, devices, security)"
 	@echo "make bench       exit-rate benchmark against QEMU, writes bench/RESULTS.md"
-	@echo "make guest-linux fetch and cache Debian's cloud kernel (apt-get download)"
+	@echo "make guest-linux fetch and cache Debian's cloud kernel (apt-get download) and build its virtio-module initramfs"
 	@echo "make fuzz        run every fuzz harness for FUZZ_SECONDS each (default 30; FUZZ_HARNESSES=...)"
 	@echo "make security-report  attack-surface coverage: threat model, harnesses, fuzz runs, findings"
 

@@ -14,6 +14,13 @@
    `SHA256SUMS` and `SOURCE` under cache/guest-linux/.
 
 With the cache present a run only verifies it and prints where the files are.
+
+Then the stock initramfs (`ensure_initramfs`): the kernel's virtio modules and whatever
+they depend on (`kernel_modules.load_order`, from the modules' own `.modinfo` since the
+package has no modules.dep) are copied from the same package, version pinned to the
+cached kernel's, into `modules-<release>/` with their own SHA256SUMS, and
+`initramfs-<release>.cpio.gz` (link `initramfs.cpio.gz`) is built from them and Debian's
+busybox-static (`initramfs.build_stock_initramfs`). `--no-initramfs` skips this step.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from isovisor.tools import initramfs, kernel_modules
 
 PROG = "guest-linux"
 METAPACKAGE = "linux-image-cloud-amd64"
@@ -319,8 +328,10 @@ def _let_apt_sandbox_write(directory: Path) -> None:
     os.chown(directory, apt_uid, -1)
 
 
-def download(package: str, directory: Path, apt_options: Sequence[str] = ()) -> Path:
-    """`apt-get download package` into `directory`; the .deb's path."""
+def download(package: str, directory: Path, apt_options: Sequence[str] = (),
+             deb_name: str | None = None) -> Path:
+    """`apt-get download package` into `directory`; the .deb's path. `package` may pin a
+    version (`name=version`); `deb_name` is then the bare name the .deb starts with."""
     _let_apt_sandbox_write(directory)
     opts = [a for o in apt_options for a in ("-o", o)]
     proc = _run(["apt-get", *opts, "download", package], cwd=directory)
@@ -331,7 +342,7 @@ def download(package: str, directory: Path, apt_options: Sequence[str] = ()) -> 
         if any(h in proc.stderr for h in _NETWORK_HINTS):
             raise NetworkError(f"cannot download {package} (no network?): {errors}")
         raise GuestLinuxError(f"apt-get download {package} failed: {errors}")
-    debs = sorted(directory.glob(f"{package}_*.deb"))
+    debs = sorted(directory.glob(f"{deb_name or package}_*.deb"))
     if len(debs) != 1:
         raise GuestLinuxError(f"apt-get download left {len(debs)} .deb files for {package}")
     return debs[0]
@@ -460,6 +471,101 @@ def ensure_kernel(
 
 
 # ---------------------------------------------------------------------------------------
+# The stock initramfs: the kernel's virtio modules and busybox
+
+
+@dataclass(frozen=True)
+class GuestInitramfs:
+    path: Path
+    modules: tuple[str, ...]  # in the order /init loads them
+
+
+def _verify_sums(directory: Path) -> bool:
+    """True when `directory`/SHA256SUMS exists and every file it lists matches."""
+    sums = directory / SUMS_FILE
+    if not sums.is_file():
+        return False
+    for line in sums.read_text().splitlines():
+        m = re.fullmatch(r"([0-9a-f]{64}) [ *](\S+)", line.strip())
+        if not m:
+            raise GuestLinuxError(f"{sums}: malformed line {line!r}; rerun with --force")
+        path = directory / m.group(2)
+        if not path.is_file() or sha256_file(path) != m.group(1):
+            raise GuestLinuxError(f"{path} does not match {sums}; rerun with --force")
+    return True
+
+
+def cache_modules(lib_modules: Path, dest: Path) -> list[str]:
+    """Copy the guest modules' closure and modules.builtin from an unpacked package's
+    lib/modules/<release> into `dest` (replaced atomically), with SHA256SUMS."""
+    try:
+        order = kernel_modules.load_order(kernel_modules.ModuleTree.scan(lib_modules),
+                                          kernel_modules.GUEST_MODULES)
+    except kernel_modules.ModuleError as exc:
+        raise GuestLinuxError(str(exc)) from None
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    names = [m.path for m in order]
+    if (lib_modules / "modules.builtin").is_file():
+        names.append("modules.builtin")
+    for rel in names:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(lib_modules / rel, tmp / rel)
+    (tmp / SUMS_FILE).write_text("".join(f"{sha256_file(tmp / n)}  {n}\n" for n in names))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return [m.name for m in order]
+
+
+def ensure_modules(
+    cache: Path, kernel: CachedKernel, *, force: bool = False,
+    apt_options: Sequence[str] = (), log: Log = print,
+) -> Path:
+    """`modules-<release>/` in the cache, fetched from the kernel's own package (the same
+    version) when missing."""
+    dest = cache / f"modules-{kernel.release}"
+    if not force and _verify_sums(dest):
+        log(f"modules verified against {dest / SUMS_FILE}")
+        return dest
+    package, _, version = kernel.source.partition(" ")
+    if not package.startswith("linux-image-"):
+        package, version = f"linux-image-{kernel.release}", ""
+    with tempfile.TemporaryDirectory(prefix="isovisor-guest-linux-") as tmp:
+        work = Path(tmp)
+        dl = work / "download"
+        dl.mkdir()
+        log(f"downloading {package} {version} for its modules ...")
+        deb = download(f"{package}={version}" if version else package, dl, apt_options,
+                       deb_name=package)
+        proc = _run(["dpkg-deb", "-x", str(deb), str(work / "root")])
+        if proc.returncode != 0:
+            raise GuestLinuxError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip()}")
+        lib_modules = work / "root" / "lib" / "modules" / kernel.release
+        if not lib_modules.is_dir():
+            raise GuestLinuxError(f"{deb.name} has no lib/modules/{kernel.release}")
+        names = cache_modules(lib_modules, dest)
+    log(f"cached modules {' '.join(names)} in {dest}")
+    return dest
+
+
+def ensure_initramfs(
+    cache: Path, kernel: CachedKernel, *, force: bool = False,
+    apt_options: Sequence[str] = (), busybox: Path = initramfs.BUSYBOX, log: Log = print,
+) -> GuestInitramfs:
+    """Build `initramfs-<release>.cpio.gz` (and the link `initramfs.cpio.gz`) for the
+    cached kernel: busybox, its virtio modules, the stock /init."""
+    modules = ensure_modules(cache, kernel, force=force, apt_options=apt_options, log=log)
+    out = cache / f"initramfs-{kernel.release}.cpio.gz"
+    try:
+        names = initramfs.build_stock_initramfs(out, modules, kernel.release, busybox)
+    except initramfs.CpioError as exc:
+        raise GuestLinuxError(str(exc)) from None
+    _link_atomic(cache / "initramfs.cpio.gz", out.name)
+    log(f"built {out.name}: /init loads {' '.join(names)}")
+    return GuestInitramfs(out, tuple(names))
+
+
+# ---------------------------------------------------------------------------------------
 # Command line
 
 
@@ -480,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract", type=Path, metavar="BZIMAGE",
                    help="only extract vmlinux from this bzImage (to --output), no apt")
     p.add_argument("--output", type=Path, metavar="FILE", help="output for --extract")
+    p.add_argument("--no-initramfs", action="store_true",
+                   help="only the kernel: no modules, no stock initramfs")
     return p
 
 
@@ -510,6 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.cache_dir, args.package, force=args.force, apt_options=args.apt_option,
             log=_say,
         )
+        initrd = None if args.no_initramfs else ensure_initramfs(
+            args.cache_dir, kernel, force=args.force, apt_options=args.apt_option, log=_say,
+        )
     except GuestLinuxError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -519,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _say(f"kernel {kernel.release} ({kernel.source})")
     _say(f"bzImage: {args.cache_dir / 'vmlinuz'} -> {kernel.vmlinuz.name}")
     _say(f"vmlinux: {args.cache_dir / 'vmlinux'} -> {kernel.vmlinux.name}")
+    if initrd is not None:
+        _say(f"initramfs: {args.cache_dir / 'initramfs.cpio.gz'} -> {initrd.path.name}")
     return 0
 
 

@@ -11,6 +11,15 @@ The newc ("new ASCII") cpio format, as the kernel's initramfs unpacker reads it
 devmajor, devminor, rdevmajor, rdevminor, namesize including the NUL, check), the name
 and its NUL padded to 4 bytes, the data padded to 4 bytes; the entry "TRAILER!!!" ends it.
 Output is reproducible: fixed inode numbers, owner root, mtime 0 (or SOURCE_DATE_EPOCH).
+
+The *stock* initramfs (`build_stock_initramfs`, what `make guest-linux` builds beside
+Debian's cloud kernel) adds the kernel's own virtio modules under
+/lib/modules/<release>/ with a modules.dep, in the load order `kernel_modules.load_order`
+computes, and an /init that loads them, mounts the virtio-blk disk /dev/vda (ext4), reads
+the file `isovisor-marker` from it and writes `isovisor-guest-wrote`, lists the network
+interfaces, prints an `isovisor-initramfs: ...` line for each step and resets the
+machine (`reboot -f`: with no ACPI sleep states a power-off would only halt the vCPU). That
+kernel builds virtio_mmio as a module, so only this userspace can find our devices.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from isovisor.tools import kernel_modules as km
 
 PROG = "initramfs"
 BUSYBOX = Path("/bin/busybox")
@@ -39,7 +50,13 @@ echo "{INIT_MESSAGE}"
 /bin/busybox poweroff -f
 """
 
-APPLETS = ("sh", "echo", "mount", "poweroff", "reboot", "cat", "ls")
+APPLETS = ("sh", "echo", "mount", "umount", "poweroff", "reboot", "cat", "ls", "insmod",
+           "mknod", "sleep", "sync")
+
+MARK = "isovisor-initramfs:"
+DISK_MARKER = "isovisor-marker"  # a file the test puts on the disk; /init prints it
+GUEST_WROTE = "isovisor-guest-wrote"  # a file /init writes to the disk
+GUEST_WROTE_TEXT = "written by the stock kernel's virtio_blk"
 
 
 class CpioError(Exception):
@@ -148,9 +165,90 @@ def initramfs_entries(busybox: bytes, init_script: str = INIT_SCRIPT) -> list[En
     return entries
 
 
-def build_initramfs(out: Path, busybox: Path = BUSYBOX,
-                    init_script: str = INIT_SCRIPT) -> int:
-    """Write the gzip-compressed initramfs to `out`; its size in bytes."""
+def _sh_word(text: str) -> str:
+    """`text` as one safe shell word (module paths are plain; refuse anything else)."""
+    if not text or any(not (c.isalnum() or c in "/._-") for c in text):
+        raise CpioError(f"{text!r} is not a plain path")
+    return text
+
+
+def stock_init_script(release: str, modules: Sequence[tuple[str, str]]) -> str:
+    """/init for the stock kernel: `modules` are (name, path under lib/modules/<release>)
+    in load order. Each step prints a line starting with MARK."""
+    moddir = f"/lib/modules/{_sh_word(release)}"
+    loads = "".join(f"load {_sh_word(n)} {moddir}/{_sh_word(p)}\n" for n, p in modules)
+    return f"""#!/bin/sh
+# isovisor stock-kernel initramfs: load the virtio modules, use the disk, report, power off.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "{MARK} init running"
+load() {{
+    if insmod "$2"; then echo "{MARK} loaded $1"; else echo "{MARK} insmod $1 failed"; fi
+}}
+{loads}echo "{MARK} modules loaded"
+n=0
+while [ ! -e /sys/block/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+if [ -e /sys/block/vda ]; then
+    if [ ! -b /dev/vda ]; then
+        IFS=: read major minor < /sys/block/vda/dev
+        mknod /dev/vda b "$major" "$minor"
+    fi
+    if mount -t ext4 /dev/vda /mnt; then
+        echo "{MARK} mounted /dev/vda"
+        echo "{MARK} marker $(cat /mnt/{DISK_MARKER})"
+        echo "{GUEST_WROTE_TEXT}" > /mnt/{GUEST_WROTE}
+        sync
+        umount /mnt && echo "{MARK} unmounted /dev/vda"
+    else
+        echo "{MARK} mount /dev/vda failed"
+    fi
+else
+    echo "{MARK} no /dev/vda"
+fi
+for dev in /sys/class/net/*; do echo "{MARK} net ${{dev##*/}}"; done
+echo "{MARK} done"
+# isovisor's machine has no ACPI sleep states, so a power-off would only halt the vCPU:
+# reset instead (the i8042 reset line ends the VMM with status 0, as panic=-1 does).
+reboot -f
+"""
+
+
+def stock_initramfs_entries(
+    busybox: bytes, release: str, modules: Sequence[tuple[str, str, bytes]], modules_dep: str
+) -> list[Entry]:
+    """The standard entries plus /mnt, the modules (name, path under
+    lib/modules/<release>, contents) with every parent directory, modules.dep, and the
+    stock /init."""
+    script = stock_init_script(release, [(n, p) for n, p, _ in modules])
+    entries = [e for e in initramfs_entries(busybox, script) if e.name != "init"]
+    entries.append(directory("mnt"))
+    root = f"lib/modules/{_sh_word(release)}"
+    dirs: list[str] = []
+    for _name, path, _data in modules:
+        parts = f"{root}/{_sh_word(path)}".split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in dirs:
+                dirs.append(d)
+    entries.extend(directory(d) for d in dirs)
+    entries.extend(regular(f"{root}/{path}", data) for _n, path, data in modules)
+    entries.append(regular(f"{root}/modules.dep", modules_dep.encode()))
+    entries.append(regular("init", script.encode(), 0o755))
+    return entries
+
+
+def _gzip_atomic(out: Path, entries: list[Entry]) -> int:
+    mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
+    data = gzip.compress(write_newc(entries, mtime), compresslevel=9, mtime=0)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    return len(data)
+
+
+def _read_busybox(busybox: Path) -> bytes:
     try:
         binary = busybox.read_bytes()
     except OSError as exc:
@@ -159,13 +257,29 @@ def build_initramfs(out: Path, busybox: Path = BUSYBOX,
         ) from None
     if binary[:4] != b"\x7fELF":
         raise CpioError(f"{busybox} is not an ELF executable")
-    mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
-    archive = write_newc(initramfs_entries(binary, init_script), mtime)
-    data = gzip.compress(archive, compresslevel=9, mtime=0)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
-    return len(data)
+    return binary
+
+
+def build_stock_initramfs(out: Path, modules_root: Path, release: str,
+                          busybox: Path = BUSYBOX) -> list[str]:
+    """Write the stock-kernel initramfs to `out` from the modules under `modules_root`
+    (lib/modules/<release>, or a copy holding at least the guest modules and
+    modules.builtin); the module names in the order /init loads them."""
+    binary = _read_busybox(busybox)
+    try:
+        tree = km.ModuleTree.scan(modules_root)
+        order = km.load_order(tree, km.GUEST_MODULES)
+        modules = [(m.name, m.path, (modules_root / m.path).read_bytes()) for m in order]
+    except km.ModuleError as exc:
+        raise CpioError(str(exc)) from None
+    _gzip_atomic(out, stock_initramfs_entries(binary, release, modules, km.modules_dep(order)))
+    return [m.name for m in order]
+
+
+def build_initramfs(out: Path, busybox: Path = BUSYBOX,
+                    init_script: str = INIT_SCRIPT) -> int:
+    """Write the gzip-compressed initramfs to `out`; its size in bytes."""
+    return _gzip_atomic(out, initramfs_entries(_read_busybox(busybox), init_script))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,13 +59,14 @@ class Watched:
 
 
 def boot_until(
-    kernel: Path, protocol: str, until: str, bound: float, extra: tuple[str, ...] = ()
+    kernel: Path, protocol: str, until: str, bound: float, extra: tuple[str, ...] = (),
+    cmdline: str = CMDLINE,
 ) -> Watched:
     """Boot `kernel` and stop it (as a host request) once a line matches `until`, or after
     `bound` seconds. `extra`: more `isovisor run` options."""
     argv = [
         sys.executable, "-m", "isovisor.cli.main", "run", "--kernel", str(kernel),
-        "--boot-protocol", protocol, "--memory", "256M", "--cmdline", CMDLINE,
+        "--boot-protocol", protocol, "--memory", "256M", "--cmdline", cmdline,
         "--timeout", str(bound + 30), *extra,
     ]
     started = time.monotonic()
