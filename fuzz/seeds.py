@@ -401,6 +401,23 @@ def tenant_networks() -> Iterator[bytes]:
     yield Writer().u8(3).raw(small.bytes() + four.bytes() * 2).bytes()  # the 2nd: full
 
 
+@seeds
+def tenant_disks() -> Iterator[bytes]:
+    # step: op, tenant (0 a, 1 b), flag 1 + NAMES index (0 data, 1 logs); op 0: flag 0 +
+    # u16 size in MiB; op 2: disk count, then per disk flag 1 + NAMES index (a named disk)
+    mk_a = Writer().u8(0).u8(0).u8(1).u8(0).u8(0).u16(1)  # a: disk data, 1 MiB
+    mk_b = Writer().u8(0).u8(1).u8(1).u8(0).u8(0).u16(2)  # b: disk data, 2 MiB
+    vm_a = Writer().u8(2).u8(0).u8(1).u8(0).u8(1).u8(1).u8(0)  # a: VM on a's data
+    spy_b = Writer().u8(2).u8(1).u8(1).u8(0).u8(1).u8(1).u8(1)  # b: VM naming logs (a's?)
+    del_a = Writer().u8(1).u8(0).u8(1).u8(0)  # a: delete data (refused while attached)
+    vm_gone = Writer().u8(3).u8(0).u8(1).u8(0)  # a: delete the VM
+    yield Writer().u8(2).raw(mk_a.bytes() + mk_b.bytes()).bytes()
+    yield Writer().u8(6).raw(mk_a.bytes() + vm_a.bytes() + spy_b.bytes() + del_a.bytes()
+                              + vm_gone.bytes() + del_a.bytes()).bytes()
+    yield Writer().u8(4).raw(mk_a.bytes() + mk_b.bytes() + del_a.bytes()
+                              + mk_a.bytes()).bytes()  # shred, then a new disk, same name
+
+
 def main() -> int:
     names = sys.argv[1:] or sorted(SEEDS)
     for name in names:
