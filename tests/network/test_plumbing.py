@@ -124,12 +124,17 @@ def test_guests_reach_no_host_service_but_dhcp(fab: Fabric) -> None:
         a1.send(udp_frame(gw_mac, mac(A1), str(A1.ip), str(NET_A.gateway), b"to-host"))
         a1.send(udp_frame(gw_mac, mac(A1), str(A1.ip), str(B1.ip), b"routed"))
         a1.send(arp_frame(mac(A1), mac(A1), str(A1.ip), str(NET_B.gateway)))
+        # DHCP's port, but aimed at the other network's gateway (a host address too)
+        a1.send(udp_frame(gw_mac, mac(A1), str(A1.ip), str(NET_B.gateway), b"x",
+                          sport=68, dport=67))
         with pytest.raises(TimeoutError):
             listener.recvfrom(100)
     finally:
         listener.close()
     assert fab.wire(B1).drain() == []
     assert [f for f in a1.drain() if arp_sender(f)] == []  # the host answered no ARP
+    guard = fab.ns.run("nft", "list", "table", "netdev", NET_A.table).stdout
+    assert re.findall(r"counter packets (\d+)", guard) == ["4"]  # the guard dropped all four
     # ARP for the gateway is answered (a DHCP client renewing needs it) ...
     a1.send(arp_frame(mac(A1), mac(A1), str(A1.ip), str(NET_A.gateway)))
     replies = [s for f in a1.drain() if (s := arp_sender(f))]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -128,6 +129,7 @@ def test_cross_tenant_and_spoofed_frames_are_never_delivered(
 ) -> None:
     ns, _ = plumbed
     a1, a2, b1 = str(A1.ip), str(A2.ip), str(B1.ip)
+    gw_a = mac_bytes(ns.run("cat", f"/sys/class/net/{NET_A.bridge}/address").stdout.strip())
     a_legit = [
         udp_frame(m(A2), m(A1), a1, a2, b"a-unicast"),
         udp_frame(BROADCAST, m(A1), a1, "10.91.0.255", b"a-broadcast"),
@@ -143,6 +145,12 @@ def test_cross_tenant_and_spoofed_frames_are_never_delivered(
         arp_frame(m(A1), m(A1), a2, a2),  # ARP: claims A2's address
         arp_frame(m(A1), m(A2), a1, a2),  # ARP sender MAC is not the frame's
     ]
+    # To the host itself (its gateway address, the other network's through it): dropped
+    # by the network's guard before any host socket or route sees them.
+    a_to_host = [
+        udp_frame(gw_a, m(A1), a1, str(NET_A.gateway), b"a-to-host"),
+        udp_frame(gw_a, m(A1), a1, str(NET_B.gateway), b"a-routed-to-b"),
+    ]
     b_legit = [udp_frame(BROADCAST, m(B2), str(B2.ip), "10.92.0.255", b"b-broadcast")]
     b_spoofed = [
         udp_frame(BROADCAST, m(A1), a1, "10.91.0.255", b"b-as-a-broadcast"),
@@ -150,12 +158,15 @@ def test_cross_tenant_and_spoofed_frames_are_never_delivered(
         arp_frame(m(B2), m(B2), a2, b1),
     ]
     guests: list[Guest] = []
+    listener = ns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    listener.bind(("0.0.0.0", 4000))  # the test datagrams' port, on every host address
+    listener.setblocking(False)
     try:
         recv_a, recv_b = (Guest(kvm, build(tmp_path, 2), ns, p) for p in (A2, B1))
         guests += [recv_a, recv_b]
         send_a, send_b = (Guest(kvm, build(tmp_path, 1), ns, p) for p in (A1, B2))
         guests += [send_a, send_b]
-        send_a.load_frames(a_legit + a_spoofed)
+        send_a.load_frames(a_legit + a_spoofed + a_to_host)
         send_b.load_frames(b_legit + b_spoofed)
         for g in (recv_a, recv_b):
             g.vm.start()
@@ -163,15 +174,17 @@ def test_cross_tenant_and_spoofed_frames_are_never_delivered(
             g.wait_report(READY)
         for g in (send_a, send_b):
             g.vm.start()
-        assert send_a.wait_report(ALIVE)[-2:] == [len(a_legit + a_spoofed), ALIVE]
+        assert send_a.wait_report(ALIVE)[-2:] == [len(a_legit + a_spoofed + a_to_host), ALIVE]
         assert send_b.wait_report(ALIVE)[-2:] == [len(b_legit + b_spoofed), ALIVE]
         # Every frame left its sender's virtio-net device for the TAP ...
-        assert send_a.net.net_stats.tx_frames == len(a_legit + a_spoofed)
+        assert send_a.net.net_stats.tx_frames == len(a_legit + a_spoofed + a_to_host)
         assert send_b.net.net_stats.tx_frames == len(b_legit + b_spoofed)
         time.sleep(1.0)  # ... and had ample time to arrive anywhere it could
         got_a, got_b = recv_a.logged(), recv_b.logged()
         assert sorted(map(norm, got_a)) == sorted(map(norm, a_legit)), got_a
         assert list(map(norm, got_b)) == list(map(norm, b_legit)), got_b
+        with pytest.raises(BlockingIOError):  # not even the broadcasts to port 4000
+            listener.recvfrom(100)
         for g in guests:
             assert g.vm.security_events.events() == []
         # The senders' own TAP rules dropped each spoofed frame.
@@ -180,5 +193,6 @@ def test_cross_tenant_and_spoofed_frames_are_never_delivered(
             assert sum(int(x) for x in re.findall(r"counter packets (\d+)", rules)) == len(
                 spoofed)
     finally:
+        listener.close()
         for g in guests:
             g.close()

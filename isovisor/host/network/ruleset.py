@@ -14,7 +14,7 @@ addresses, IPv6, VLAN tags, other ethertypes) is dropped by the chain's policy.
 Per network, a `netdev` table whose ingress chain is bound to the network's bridge
 device: it sees exactly what the bridge passes up to the host itself (frames for the
 bridge's MAC, and the host's copy of broadcasts). Only ARP asking for the gateway address
-and DHCP requests (UDP 68 -> 67) pass; nothing else reaches a host socket or the host's
+and DHCP requests (UDP 68 -> 67, to the gateway or broadcast) pass; nothing else reaches a host socket or the host's
 routing (so nothing is routed to another network either). (A `bridge`-family input chain
 would need `meta ibrname`, which this kernel lacks: CONFIG_NFT_BRIDGE_META is not set.)
 
@@ -66,7 +66,8 @@ def network_ruleset(net: NetworkPlan) -> str:
         "policy drop;\n"
         "    ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 "
         f"arp daddr ip {net.gateway} accept\n"
-        "    ether type ip udp sport 68 udp dport 67 accept\n"
+        f"    ether type ip ip daddr {{ {net.gateway}, 255.255.255.255 }} "
+        "udp sport 68 udp dport 67 accept\n"
         "    counter drop\n"
         "  }\n"
     )
