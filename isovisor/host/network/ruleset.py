@@ -14,9 +14,10 @@ addresses, IPv6, VLAN tags, other ethertypes) is dropped by the chain's policy.
 Per network, a `netdev` table whose ingress chain is bound to the network's bridge
 device: it sees exactly what the bridge passes up to the host itself (frames for the
 bridge's MAC, and the host's copy of broadcasts). Only ARP asking for the gateway address
-and DHCP requests (UDP 68 -> 67, to the gateway or broadcast) pass; nothing else reaches a host socket or the host's
-routing (so nothing is routed to another network either). (A `bridge`-family input chain
-would need `meta ibrname`, which this kernel lacks: CONFIG_NFT_BRIDGE_META is not set.)
+and DHCP requests (UDP 68 -> 67, to the gateway or broadcast) pass; nothing else reaches
+a host socket or the host's routing (so nothing is routed to another network either). (A
+`bridge`-family input chain would need `meta ibrname`, which this kernel lacks:
+CONFIG_NFT_BRIDGE_META is not set.)
 
 Frames never cross from one network to another at L2: each network is a bridge of its own
 and a TAP is on exactly one, so broadcast and multicast stay inside it.
