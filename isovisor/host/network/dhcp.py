@@ -3,10 +3,11 @@ DHCP only (no DNS: --port=0), answering only the NICs it was told about (static
 MAC -> IP entries, `static` range: an unknown MAC gets nothing), advertising no router and
 no DNS server (a network has no egress).
 
-It runs daemonised inside the daemon's network namespace, with its pid in the network's
-run directory; the entries are its command line, so a NIC change restarts it (DHCP
-clients retry). `find` recognises our dnsmasq by pid file plus command line, so a stale
-pid file never makes us signal another process."""
+dnsmasq drops to `nobody` after start, keeping only CAP_NET_ADMIN (it injects ARP entries
+for its unicast replies). It runs daemonised inside the daemon's network namespace, with
+its pid in the network's run directory; the entries are its command line, so a NIC change
+restarts it (DHCP clients retry). `find` recognises our dnsmasq by pid file plus command
+line, so a stale pid file never makes us signal another process."""
 
 from __future__ import annotations
 
