@@ -18,7 +18,7 @@ APT_PACKAGES := nasm qemu-system-x86 acpica-tools swtpm swtpm-tools busybox-stat
 GUEST_SRCS := $(wildcard guests/*.asm)
 GUEST_ELFS := $(patsubst guests/%.asm,guests/build/%.elf,$(GUEST_SRCS))
 
-.PHONY: setup system-deps venv guests demo test test-slow lint bench guest-linux clean help fuzz security-report
+.PHONY: setup system-deps venv guests dev-integrity demo test test-slow lint bench guest-linux clean help fuzz security-report
 
 help:
 	@echo "make demo        install what is missing, boot a guest, then the daemon demo"
@@ -30,7 +30,7 @@ help:
 	@echo "make fuzz        run every fuzz harness for FUZZ_SECONDS each (default 30; FUZZ_HARNESSES=...)"
 	@echo "make security-report  attack-surface coverage: threat model, harnesses, fuzz runs, findings"
 
-setup: system-deps venv guests
+setup: system-deps venv guests dev-integrity
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -58,8 +58,18 @@ guests/build/%.elf: guests/%.asm guests/include/*.inc
 
 guests: system-deps $(GUEST_ELFS)
 
-# The main job with embedded defaults: one guest booted directly, then the daemon with two
-# tenants whose administrators each boot a VM through the mutual-TLS API.
+# VMM and platform integrity for development (docs/INTEGRITY.md): a release key and a
+# policy key made once in .isovisor/ (git-ignored, 0700, keys 0600), the code manifest
+# signed again whenever the code changed, and a signed policy accepting this host as it is.
+# `isovisor daemon run --config .isovisor/isovisord.toml` gates every VM launch with them.
+INTEGRITY_DIR := .isovisor
+
+dev-integrity: venv
+	$(VENV)/bin/isovisor integrity dev-setup --dir $(INTEGRITY_DIR)
+
+# The main job with embedded defaults: one guest booted directly, then the daemon, its
+# launch gate on (.isovisor's manifest and policy, a swtpm it starts), with two tenants
+# whose administrators each boot a VM through the mutual-TLS API, and one launch refused.
 demo: setup
 	$(VENV)/bin/isovisor run --kernel guests/build/hello.elf
 	$(PY) -m isovisor.host.demo

@@ -23,7 +23,7 @@ from isovisor.api.app import Api, create_app
 from isovisor.api.pipeline import RequestObserver
 from isovisor.api.server import ApiServer, SecurityEventHook, TlsFiles
 from isovisor.host.config import ConfigError, DaemonConfig, add_arguments
-from isovisor.host.integrity import open_integrity
+from isovisor.host.integrity import UNGATED, HostIntegrity, open_integrity
 from isovisor.host.lifecycle import LifecycleEvent, LifecycleObserver
 from isovisor.host.models import VmState
 from isovisor.host.runner import SECURITY_EVENTS, VmHandle, VmRunner
@@ -97,19 +97,26 @@ class Daemon:
         self.add_lifecycle_observer(self._read_vm_events)
         self.add_lifecycle_observer(self.audit.record_transition)
         # Measured launch now, the launch gate before every VM launch (docs/SECURITY.md).
-        self.integrity = open_integrity(config.extra.get("integrity"), config.state_dir,
-                                        self.audit.log, self.service.lifecycle)
-        self.reconciled = self.service.open()
-        self.admin = (ensure_admin(self.ca, self.service, config, config.bootstrap_admin)
-                      if config.bootstrap_admin else None)
-        revocations = self.tls.revocation_list()
-        self.api: Api = create_app(self.service, revocations)
-        self.add_request_observer(self.audit.record_request)
-        # Refuse (503) before the route runs once the log cannot record (fail closed).
-        self.api.add_request_guard(self.audit.before_request)
-        host, port = config.host_port
-        self.server = ApiServer(self.api, self.tls, revocations, host=host, port=port,
-                                on_security_event=self.audit.security_hook(on_security_event))
+        self.integrity: HostIntegrity | None = None
+        self._released = False
+        try:
+            self.integrity = open_integrity(config.extra.get("integrity"), config.state_dir,
+                                            self.audit.log, self.service.lifecycle)
+            self.reconciled = self.service.open()
+            self.admin = (ensure_admin(self.ca, self.service, config, config.bootstrap_admin)
+                          if config.bootstrap_admin else None)
+            revocations = self.tls.revocation_list()
+            self.api: Api = create_app(self.service, revocations)
+            self.add_request_observer(self.audit.record_request)
+            # Refuse (503) before the route runs once the log cannot record (fail closed).
+            self.api.add_request_guard(self.audit.before_request)
+            host, port = config.host_port
+            self.server = ApiServer(
+                self.api, self.tls, revocations, host=host, port=port,
+                on_security_event=self.audit.security_hook(on_security_event))
+        except BaseException:
+            self._release()  # the swtpm it started, the state, the audit log
+            raise
         self._stop = threading.Event()
         self._crl_thread: threading.Thread | None = None
 
@@ -146,8 +153,18 @@ class Daemon:
         name = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
         return f"https://{name}:{self.server.port}"
 
+    @property
+    def gate_line(self) -> str:
+        """The launch gate's state at start, in one line (UNGATED when it is off)."""
+        return self.integrity.summary() if self.integrity is not None else UNGATED
+
     def start(self) -> None:
-        self.server.start()
+        try:
+            self.server.start()
+        except BaseException:
+            self.server.stop()
+            self._release()
+            raise
         self.vm_events.start()
         self._crl_thread = threading.Thread(target=self._refresh_crl, name="crl-refresh",
                                             daemon=True)
@@ -164,10 +181,22 @@ class Daemon:
         self._stop.set()
         self.server.stop()
         self.vm_events.stop()
-        self.service.close()
-        if self.integrity is not None:
-            self.integrity.close()
-        self.audit.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Close what start-up opened, each step on its own (stop, or a failed start);
+        once."""
+        if self._released:
+            return
+        self._released = True
+        for close in (self.service.close,
+                      self.integrity.close if self.integrity is not None else None,
+                      self.audit.close):
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing %s failed", close)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -194,12 +223,12 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         daemon.start()
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError) as exc:  # start() released the swtpm and the state
         print(f"isovisord: {exc}", file=sys.stderr)
-        daemon.service.close()
         return 1
     print(f"isovisord: listening on {daemon.endpoint} (mutual TLS 1.3); state in "
           f"{config.state_dir}; {len(daemon.reconciled)} VM(s) reconciled", flush=True)
+    print(f"isovisord: {daemon.gate_line}", flush=True)
     if daemon.admin is not None:
         print(f"isovisord: Host Admin {daemon.admin.name!r}: cert {daemon.admin.cert}, "
               f"key {daemon.admin.key}, CA {daemon.ca.cert_path}", flush=True)

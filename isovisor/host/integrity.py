@@ -16,7 +16,9 @@ Configured by the `[integrity]` table of isovisord's config file:
     code_root = "..."
     measure_root = "/"
 
-Without the table the daemon runs VMs ungated and says so at start (log and audit record).
+Without the table VMs are NOT gated: the daemon starts them without any of these checks
+and says so at start (a warning in its log and its start-up line). `make setup` writes a
+development table to .isovisor/isovisord.toml (isovisor.security.integrity.devsetup).
 A refusal answers 503 LaunchRefused with the gate's sentence and is written to the audit
 log as security.integrity-failure (a code file differs) or security.launch-gate-refused.
 """
@@ -48,7 +50,7 @@ from isovisor.security.integrity.gate import (
     LaunchGate,
 )
 from isovisor.security.integrity.gate import LaunchRefused as GateRefusal
-from isovisor.security.tpm import Swtpm, Tpm, TpmAddress, TpmError
+from isovisor.security.tpm import Swtpm, Tpm, TpmAddress
 from isovisor.security.tpm.client import HOST_TPM
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,11 @@ class IntegritySettings:
                    measure_root=Path(table.get("measure_root", "/")))
 
 
+UNGATED = ("VMs ARE NOT GATED: the config has no [integrity] table, so VMs start without "
+           "the launch gate (no code manifest check, no measured launch, no TPM, no policy "
+           "check); `make setup` writes one to .isovisor/isovisord.toml")
+
+
 def tpm_file(state_dir: Path) -> Path:
     return state_dir / INTEGRITY_DIR / TPM_FILE
 
@@ -111,12 +118,21 @@ class HostIntegrity:
         self.audit = audit
         self.swtpm: Swtpm | None = None
         self.gate: LaunchGate | None = None
+        self.report: GateReport | None = None  # the first check, when it passed
+        self.refusal: str | None = None  # or why it refused
 
     def open(self) -> GateReport | None:
         """Reach the TPM, then measure once. A failing measurement does not stop the daemon
         (its API says why each start is refused); it is audited now. Returns the report of
         a passing first check."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            return self._open()
+        except BaseException:
+            self.close()  # never leave the swtpm it started behind
+            raise
+
+    def _open(self) -> GateReport | None:
         s = self.settings
         if s.tpm == "device" or (s.tpm == "auto" and HOST_TPM.exists()):
             address = TpmAddress.device(HOST_TPM)
@@ -127,22 +143,34 @@ class HostIntegrity:
                             policy_key=s.policy_key, event_log=self.dir / EVENT_LOG,
                             code_root=s.code_root, measure_root=s.measure_root,
                             platform_pcr=s.platform_pcr, code_pcr=s.code_pcr)
-        try:
-            self.gate = LaunchGate(config, Tpm(address))
-            self.gate.open()
-        except (IntegrityError, TpmError):
-            self.close()
-            raise
+        self.gate = LaunchGate(config, Tpm(address))
+        self.gate.open()
         tmp = tpm_file(self.dir.parent).with_suffix(".tmp")
         tmp.write_text(json.dumps({"tcti": address.tcti, "conf": address.conf,
                                    "pcrs": config.pcrs, "event_log": str(config.event_log)}))
         os.replace(tmp, tpm_file(self.dir.parent))
         try:
-            return self.gate.check()
+            self.report = self.gate.check()
         except GateRefusal as exc:
             self._audit(exc, None)
+            self.refusal = exc.message
             log.error("launch gate at start: %s", exc.message)
             return None
+        log.info("%s", self.summary())
+        return self.report
+
+    def summary(self) -> str:
+        """One line: whether the first check passed, with the PCRs and the TPM used."""
+        tpm = (f"swtpm {self.swtpm.socket_path}" if self.swtpm is not None
+               else f"TPM {HOST_TPM}")
+        if self.report is None:
+            return (f"launch gate ON ({tpm}), REFUSED at start: {self.refusal}; every VM "
+                    "start is refused until the check passes")
+        r = self.report
+        pcrs = ", ".join(f"PCR {p} = {v[:16]}..." for p, v in sorted(r.pcrs.items()))
+        return (f"launch gate ON, passed at start: manifest {r.manifest_digest[:16]}... "
+                f"verified, {r.events} measurements in the event log replay to {pcrs} "
+                f"({tpm})")
 
     def _audit(self, refusal: GateRefusal, vm: Vm | None) -> None:
         """Fsynced before the API answers (the answer depends on the record)."""
@@ -180,8 +208,7 @@ def open_integrity(table: dict[str, Any] | None, state_dir: Path, audit: AuditSi
                    lifecycle: VmLifecycle) -> HostIntegrity | None:
     """The daemon's start-up step: open the TPM, measure, and gate every launch."""
     if table is None:
-        log.warning("no [integrity] table: VMs start without the launch gate (no manifest, "
-                    "measured launch or policy check)")
+        log.warning("%s", UNGATED)
         return None
     integrity = HostIntegrity(IntegritySettings.from_table(table), state_dir, audit)
     integrity.open()
@@ -189,4 +216,5 @@ def open_integrity(table: dict[str, Any] | None, state_dir: Path, audit: AuditSi
     return integrity
 
 
-__all__ = ["KIND_GATE", "HostIntegrity", "IntegritySettings", "open_integrity", "tpm_file"]
+__all__ = ["KIND_GATE", "UNGATED", "HostIntegrity", "IntegritySettings", "open_integrity",
+           "tpm_file"]

@@ -1,21 +1,28 @@
 """isovisord with its [integrity] table, end to end through the mutual-TLS API and a real
 swtpm the daemon starts itself: a VM starts while everything verifies; after a code file
 changes, or a kernel parameter leaves the policy, a VM start is refused with 503
-LaunchRefused naming the file or the measurement, and the audit log records why."""
+LaunchRefused naming the file or the measurement, and the audit log records why. A daemon
+whose start-up fails after it started its swtpm stops that swtpm (no process left), and a
+daemon without the table says plainly that VMs are not gated."""
 
 from __future__ import annotations
 
+import json
+import logging
+import socket
 from pathlib import Path
 
 import pytest
 
 from isovisor.api.client import ApiClient, ApiError, ClientConfig
+from isovisor.host import daemon as daemon_main
 from isovisor.host.config import DaemonConfig
 from isovisor.host.daemon import Daemon
 from isovisor.host.integrity import tpm_file
 from isovisor.kvm import Kvm
 from isovisor.security.audit.export import read_entries
 from isovisor.security.audit.hooks import AUDIT_DIR_NAME
+from isovisor.security.integrity.errors import IntegrityError
 from tests.security.integrity.integrity_setup import IntegrityFiles, make_integrity_files
 
 
@@ -124,3 +131,82 @@ def test_a_host_failing_at_start_is_audited_and_runs_nothing(tmp_path: Path) -> 
         daemon.stop()
     records = _security_records(state, "security.launch-gate-refused")
     assert [r["scope"] for r in records] == [None, "/tenants/a/vms/v"]  # start, then the VM
+
+
+def _swtpm_pids(state: Path) -> list[int]:
+    """swtpm processes whose state directory is under `state` (from /proc, not from the
+    daemon's own bookkeeping)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"swtpm") and any(str(state).encode() in a for a in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+# uvicorn's server thread ends with SystemExit when it cannot bind: that is the failure.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_daemon_whose_api_cannot_listen_stops_its_swtpm(tmp_path: Path) -> None:
+    files = make_integrity_files(tmp_path / "integrity")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = DaemonConfig(state_dir=tmp_path / "state", listen=f"127.0.0.1:{port}",
+                              extra={"integrity": files.config_table()})
+        daemon = Daemon(config)
+        assert daemon.integrity is not None and daemon.integrity.swtpm is not None
+        pid = daemon.integrity.swtpm.proc.pid if daemon.integrity.swtpm.proc else None
+        assert pid is not None and _swtpm_pids(config.state_dir) == [pid]
+        with pytest.raises(RuntimeError, match="failed to start"):
+            daemon.start()
+    assert daemon.integrity.swtpm is None
+    assert _swtpm_pids(config.state_dir) == []
+    assert not Path(f"/proc/{pid}").exists()  # stopped and reaped, not a zombie
+
+
+def test_a_daemon_failing_after_its_swtpm_started_stops_it(tmp_path: Path) -> None:
+    """isovisord (the command) with a server certificate it cannot use: start-up fails
+    after the TPM was opened and measured; the swtpm goes with it."""
+    files = make_integrity_files(tmp_path / "integrity")
+    state = tmp_path / "state"
+    tls = state / "tls"
+    tls.mkdir(parents=True, mode=0o700)
+    (tls / "server.crt").write_text("not a certificate\n")
+    (tls / "server.key").write_text("not a key\n")
+    config = tmp_path / "isovisord.toml"
+    config.write_text("[integrity]\n" + "".join(
+        f"{k} = {json.dumps(v)}\n" for k, v in files.config_table().items()))
+    argv = ["--config", str(config), "--state-dir", str(state), "--listen", "127.0.0.1:0"]
+    assert daemon_main.run(daemon_main.parser().parse_args(argv)) == 1
+    assert (state / "integrity" / "eventlog.json").exists()  # the TPM was reached
+    assert _swtpm_pids(state) == []
+
+
+def test_an_integrity_table_the_gate_refuses_at_open_stops_the_swtpm(tmp_path: Path) -> None:
+    files = make_integrity_files(tmp_path / "integrity")
+    table = {**files.config_table(), "platform_pcr": 16}  # resettable: refused at open
+    config = DaemonConfig(state_dir=tmp_path / "state", listen="127.0.0.1:0",
+                          extra={"integrity": table})
+    with pytest.raises(IntegrityError, match=r"PCR \[16\] can be reset"):
+        Daemon(config)
+    assert (config.state_dir / "integrity" / "swtpm" / "swtpm.log").exists()  # it ran
+    assert _swtpm_pids(config.state_dir) == []
+
+
+def test_without_an_integrity_table_the_daemon_says_vms_are_not_gated(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = DaemonConfig(state_dir=tmp_path / "state", listen="127.0.0.1:0")
+    with caplog.at_level(logging.WARNING):
+        daemon = Daemon(config)
+    try:
+        assert daemon.integrity is None and daemon.service.lifecycle.launch_gate is None
+        assert "VMs ARE NOT GATED" in caplog.text
+        assert daemon.gate_line.startswith("VMs ARE NOT GATED")
+    finally:
+        daemon.stop()

@@ -5,6 +5,8 @@
     isovisor integrity manifest verify --manifest manifest.json --release-key release.pub
     isovisor integrity policy build --key policy.key --out policy.json \\
         --manifest manifest.json --release-key release.pub
+    isovisor integrity dev-setup --dir .isovisor         development keys (made once),
+                                                         manifest, policy, daemon config
 
 `policy build` accepts exactly this host's current measurements and the manifest's digest;
 review it, widen what should be widened, and sign it again (edit the document, then
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description=__doc__.split("\n\n")[0] if __doc__ else None,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None)
-    p.add_argument("what", choices=("keygen", "manifest", "policy"))
+    p.add_argument("what", choices=("keygen", "manifest", "policy", "dev-setup"))
     p.add_argument("action", nargs="?", choices=("build", "verify", "sign"), default=None)
     p.add_argument("--key", type=Path, help="the Ed25519 private key that signs")
     p.add_argument("--out", type=Path, help="the file to write")
@@ -35,6 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="the code tree (default: the running isovisor package)")
     p.add_argument("--measure-root", type=Path, default=Path("/"),
                    help="policy build: where the measured files are (default /)")
+    p.add_argument("--dir", type=Path,
+                   help="dev-setup: the directory of the development keys and files")
     p.add_argument("--document", type=Path,
                    help="policy sign: an unsigned policy document (JSON) to sign")
     p.set_defaults(handler=cmd_integrity)
@@ -69,7 +73,13 @@ def _run(args: argparse.Namespace) -> int:
         write_signed,
     )
 
-    if args.what == "keygen":
+    if args.what == "dev-setup":
+        from isovisor.security.integrity.devsetup import dev_setup
+
+        _need(args, "dir")
+        for line in dev_setup(args.dir, args.code_root, args.measure_root).lines:
+            print(f"integrity: {line}")
+    elif args.what == "keygen":
         _need(args, "out")
         pub = generate_key(args.out)
         print(f"wrote {args.out} (private, 0600) and {pub}")

@@ -36,9 +36,13 @@ def generate_key(private_path: Path) -> Path:
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     pub_path = private_path.with_suffix(".pub")
-    pub_path.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    write_public_key(pub_path, key.public_key())
     return pub_path
+
+
+def write_public_key(path: Path, key: Ed25519PublicKey) -> None:
+    path.write_bytes(key.public_bytes(serialization.Encoding.PEM,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
