@@ -17,9 +17,11 @@ are recorded twice).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -188,13 +190,24 @@ def _offset_path(channel: Path) -> Path:
 
 
 def _load_offset(channel: Path) -> tuple[int, int | None]:
+    """The saved position, or the start; the file is in the VM's run directory, so it is
+    read like the channel: no links, no FIFOs, a few bytes at most."""
     try:
-        doc = json.loads(_offset_path(channel).read_text())
+        fd = os.open(_offset_path(channel), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+    except OSError:
+        return 0, None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0, None
+        doc = json.loads(os.read(fd, 256))
         offset, inode = doc["offset"], doc["inode"]
         if isinstance(offset, int) and isinstance(inode, int) and offset >= 0:
             return offset, inode
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    finally:
+        os.close(fd)
     return 0, None
 
 
@@ -202,8 +215,14 @@ def _save_offset(channel: Path, inode: int | None, offset: int) -> None:
     path = _offset_path(channel)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump({"inode": inode, "offset": offset}, f)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # whatever is there (a link, a FIFO) goes; a new file is made
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, json.dumps({"inode": inode, "offset": offset}).encode())
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:  # the run directory went away (the VM was deleted)
         log.debug("cannot save the security events offset %s: %s", path, exc)

@@ -165,3 +165,20 @@ def test_the_writer_stops_at_its_size_cap(tmp_path: Path) -> None:
         writer.write("seccomp-kill", "worker", "y" * 1000 + str(i), 1.0)
     writer.close()
     assert path.stat().st_size <= 8 * ec.MAX_LINE_BYTES and writer.dropped > 900
+
+
+def test_a_fifo_or_link_in_place_of_the_offset_file_neither_blocks_nor_misleads(
+        tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(GOOD)
+    os.mkfifo(tmp_path / OFFSET_FILE)  # a read would block forever without O_NONBLOCK
+    sink = Sink()
+    _watch(path, sink, [0.0]).poll()  # reads from the start
+    assert len(sink.records) == 1
+    os.unlink(tmp_path / OFFSET_FILE)
+    (tmp_path / "elsewhere").write_text("precious")
+    (tmp_path / (OFFSET_FILE + ".tmp")).symlink_to(tmp_path / "elsewhere")
+    with open(path, "ab") as f:
+        f.write(GOOD)
+    _watch(path, Sink(), [0.0]).poll()
+    assert (tmp_path / "elsewhere").read_text() == "precious"  # the link was not followed
