@@ -200,3 +200,17 @@ def test_a_restart_rebuilds_what_the_records_say(tmp_path: Path) -> None:
                 "nft", "list", "table", "netdev", nic_table(vm.nics[0].id)).stdout
         finally:
             again.close()
+
+
+def test_network_namespace_setting(tmp_path: Path) -> None:
+    from isovisor.host.config import ConfigError
+
+    toml = tmp_path / "isovisord.toml"
+    assert DaemonConfig().network_namespace == "isovisor"
+    toml.write_text('network_namespace = "tenants-1"\n')
+    assert DaemonConfig.load(toml).network_namespace == "tenants-1"
+    assert DaemonConfig.load(toml, network_namespace="x").network_namespace == "x"
+    for bad in ('"../etc"', '""', "3", '"a b"'):
+        toml.write_text(f"network_namespace = {bad}\n")
+        with pytest.raises(ConfigError, match="network_namespace"):
+            DaemonConfig.load(toml)
