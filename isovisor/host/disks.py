@@ -53,6 +53,7 @@ class DiskStore:
         self.root = root
         self.keys = keys
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        keys.ensure()
 
     def path(self, tenant: str, disk_id: str) -> Path:
         return self.root / check_name("tenant", tenant) / f"{disk_id}.img"

@@ -26,7 +26,7 @@ from isovisor.security.rbac import ROOT, Scope
 
 log = logging.getLogger(__name__)
 DB_FILE = "isovisord.sqlite3"
-MASTER_KEY_FILE = "master.key"
+MASTER_KEY_FILE = "storage-keys/master.key"  # in a 0700 directory of its own
 # The network namespace holding tenant networks (bridges, TAPs, nftables, dnsmasqs).
 DEFAULT_NETWORK_NAMESPACE = "isovisor"
 

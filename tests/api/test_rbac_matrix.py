@@ -32,6 +32,7 @@ ALL = {
     "vms/read", "vms/write", "vms/delete", "vms/metrics/read", *VM_OPS,
     "images/read", "images/write", "images/delete",
     "networks/read", "networks/write", "networks/delete",
+    "disks/read", "disks/write", "disks/delete",
     "roleAssignments/read", "roleAssignments/write", "roleAssignments/delete",
     "roleDefinitions/read", "roleDefinitions/write", "roleDefinitions/delete",
     "audit/read", "host/read",
@@ -84,6 +85,12 @@ def _cidr() -> str:
 def _network(svc: HostService, tenant: str) -> str:
     name = f"net-{_n()}"
     svc.networks.create(tenant, name, _cidr())
+    return name
+
+
+def _disk(svc: HostService, tenant: str) -> str:
+    name = f"disk-{_n()}"
+    svc.disks.create(tenant, name, 1)
     return name
 
 
@@ -160,6 +167,16 @@ ENDPOINTS: dict[tuple[str, str], tuple[str | None, str, Prepare]] = {
     ("DELETE", "/v1/tenants/{tenant}/networks/{network}"): (
         "networks/delete", "tenant",
         lambda s, t: Target({"tenant": t, "network": _network(s, t)})),
+    ("GET", "/v1/tenants/{tenant}/disks"): ("disks/read", "tenant",
+                                           lambda s, t: Target({"tenant": t})),
+    ("POST", "/v1/tenants/{tenant}/disks"): (
+        "disks/write", "tenant",
+        lambda s, t: Target({"tenant": t}, {"name": f"d-{_n()}", "sizeMiB": 1})),
+    ("GET", "/v1/tenants/{tenant}/disks/{disk}"): (
+        "disks/read", "tenant", lambda s, t: Target({"tenant": t, "disk": "base"})),
+    ("DELETE", "/v1/tenants/{tenant}/disks/{disk}"): (
+        "disks/delete", "tenant",
+        lambda s, t: Target({"tenant": t, "disk": _disk(s, t)})),
     ("GET", "/v1/roleAssignments"): (
         "roleAssignments/read", "tenant",
         lambda s, t: Target({}, query={"scope": f"/tenants/{t}"})),
@@ -191,7 +208,7 @@ SUCCESS = {"GET": 200, "POST": 200, "PUT": 200, "DELETE": 204}
 NO_CONTENT = {("POST", "/v1/tenants/{tenant}/vms/{vm}/console")}
 CREATED = {("POST", "/v1/tenants"), ("POST", "/v1/tenants/{tenant}/vms"),
            ("PUT", "/v1/tenants/{tenant}/images/{image}"), ("POST", "/v1/roleAssignments"),
-           ("POST", "/v1/tenants/{tenant}/networks"),
+           ("POST", "/v1/tenants/{tenant}/networks"), ("POST", "/v1/tenants/{tenant}/disks"),
            ("POST", "/v1/roleDefinitions")}
 
 
@@ -236,6 +253,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         svc.images.put(t, "k", [b"\x7fELF"])
         svc.create_vm(t, VmSpec(name="base", kernel="k"), start=True, actor="test")
         svc.networks.create(t, "base", _cidr())
+        svc.disks.create(t, "base", 1)
     principals = {}
     for role in TENANT_ROLES:
         name = "p-" + role.lower().replace(" ", "-")

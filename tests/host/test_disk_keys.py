@@ -87,7 +87,7 @@ def test_keys_are_stored_wrapped_only(svc: HostService) -> None:
     _, key = svc.disks.open_for_vm("a", "data")
     master = (svc.state_dir / MASTER_KEY_FILE).read_bytes()
     everything = b"".join(p.read_bytes() for p in svc.state_dir.rglob("*") if p.is_file()
-                          and p.name != MASTER_KEY_FILE)
+                          and p.name != "master.key")
     assert key not in everything and key[:32] not in everything and key[32:] not in everything
     assert master not in everything
     assert (svc.state_dir / MASTER_KEY_FILE).stat().st_mode & 0o777 == 0o600

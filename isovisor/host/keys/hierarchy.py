@@ -50,6 +50,11 @@ class KeyHierarchy:
         self._source = master
         self._master: bytes | None = None
 
+    def ensure(self) -> None:
+        """Load (or create) the master key now: a daemon with an unusable one fails at
+        start, naming the file, rather than at the first disk."""
+        self._master_key()
+
     def _master_key(self) -> bytes:
         if self._master is None:
             self._master = self._source.load()
