@@ -179,3 +179,38 @@ def test_check_range_never_admits_outside_ram(addr: int, length: int) -> None:
 
 
 _SHARED = GuestMemory(16 * MiB)
+
+
+def test_ram_view_is_bounded_and_dies_with_teardown() -> None:
+    """`ram` (the hot path's view, indexed by check_range offsets) cannot reach past guest
+    RAM, and a device that kept it fails after teardown instead of reading scrubbed pages."""
+    import struct
+
+    m = GuestMemory(16 * MiB)
+    ram = m.ram
+    assert len(ram) == m.size and not ram.readonly
+    off = m.check_range(0x1000, 2)
+    struct.pack_into("<H", ram, off, 0xBEEF)
+    assert m.read_u16(0x1000) == 0xBEEF
+    with pytest.raises(struct.error):
+        struct.unpack_from("<Q", ram, m.size - 4)  # CPython's bounds check
+    with pytest.raises(struct.error):
+        struct.pack_into("<I", ram, m.size, 1)
+    assert len(ram[m.size - 2 : m.size + 4096]) == 2  # slices stop at the mapping's end
+    m.close()
+    with pytest.raises(GuestMemoryClosedError):
+        m.ram  # noqa: B018
+    with pytest.raises(ValueError):
+        ram[0]  # released by close()
+
+
+def test_offsets_above_the_hole() -> None:
+    m = GuestMemory(3 * GiB + 16 * MiB)
+    try:
+        assert m.check_range(MMIO_HOLE_START - 8, 8) == MMIO_HOLE_START - 8
+        off = m.check_range(MMIO_HOLE_END + 0x1000, 8)
+        assert off == MMIO_HOLE_START + 0x1000  # the high region follows the low in the memfd
+        m.write_u64(MMIO_HOLE_END + 0x1000, 0x1122334455667788)
+        assert bytes(m.ram[off : off + 8]) == (0x1122334455667788).to_bytes(8, "little")
+    finally:
+        m.close()

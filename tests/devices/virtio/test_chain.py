@@ -336,3 +336,20 @@ def test_fuzz_walker_yields_only_valid_descriptors_or_refuses(
         assert mem.is_ram(d.addr, d.len) or (d.len == 0 and d.addr == mem.size)
     flags = [d.writable for d in got]
     assert flags == sorted(flags)  # readable (False) before writable (True)
+
+
+def test_descriptors_carry_the_checked_offset(big_mem: GuestMemory) -> None:
+    """Above the MMIO hole a guest address is not its memfd offset: devices index
+    GuestMemory.ram by the offset the walker checked, and read the right bytes."""
+    from isovisor.memory.layout import MMIO_HOLE_END
+
+    d = FakeDriver(big_mem)
+    high = MMIO_HOLE_END + 0x2000
+    big_mem.write_all(high, b"above the hole")
+    d.set_desc(0, BUF_ADDR, 4, N, 1)
+    d.set_desc(1, high, 14, W)
+    low_desc, high_desc = walk(big_mem)
+    assert low_desc.offset == big_mem.check_range(BUF_ADDR, 4) == BUF_ADDR
+    assert high_desc.offset == big_mem.check_range(high, 14) != high
+    ram = big_mem.ram
+    assert bytes(ram[high_desc.offset : high_desc.offset + 14]) == b"above the hole"
