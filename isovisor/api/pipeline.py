@@ -204,11 +204,19 @@ class RequestPipeline:
         self.guards: list[RequestGuard] = guards if guards is not None else []
         self.public_paths = public_paths
         self._seen: set[tuple[str, int]] = set()
+        self._in_flight = 0  # HTTP requests between arrival and their last byte
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        self._in_flight += 1
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+
+    async def _handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         client = scope.get("client")
         ctx = RequestContext(
             request_id=uuid.uuid4().hex, started=time.monotonic(),
@@ -334,7 +342,15 @@ class RequestPipeline:
                 observer(record)
 
         try:
-            await anyio.to_thread.run_sync(run)
+            # Observers block (the audit hook waits for its fsync). With other requests
+            # in flight they run in a worker thread, so the loop serves those meanwhile
+            # (and their records share the fsync); alone, they run here: the loop has
+            # nothing else to do, and a thread hop costs more than it saves (docs/AUDIT.md
+            # "Cost").
+            if self._in_flight == 1:
+                run()
+            else:
+                await anyio.to_thread.run_sync(run)
         except Exception as exc:
             log.exception("request observer failed for %s", ctx.request_id)
             raise _ObserverFailedError() from exc
