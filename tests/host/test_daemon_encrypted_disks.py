@@ -137,3 +137,44 @@ def test_a_guest_on_an_encrypted_disk_leaves_no_plaintext_and_deletion_shreds(
     for kek in (master, *tenant_keys):
         with pytest.raises(InvalidUnwrap):
             aes_key_unwrap(kek, old_wrapped)
+
+
+def test_disk_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from isovisor.cli.main import main
+    from tests.api.stack import build_stack
+
+    stack = build_stack(tmp_path / "stack")
+    try:
+        cfg = tmp_path / "cli"
+        assert main(["ca", "--dir", str(stack.ca.directory), "issue", "cli-admin", "--out",
+                     str(cfg), "--write-config", str(cfg / "client.toml"), "--endpoint",
+                     stack.url]) == 0
+        stack.service.bootstrap_admin("cli-admin")
+        monkeypatch.setenv("ISOVISOR_CONFIG", str(cfg / "client.toml"))
+        stack.service.tenants.create("t")
+        stack.service.images.put("t", "k", [b"\x7fELF"])
+        capsys.readouterr()
+        assert main(["disk", "create", "data", "--size", "2M", "-t", "t"]) == 0
+        out = capsys.readouterr().out
+        assert out.split()[:4] == ["NAME", "SIZE", "ENCRYPTION", "CREATED"]
+        assert "2M" in out and "aes-xts-plain64" in out
+        assert main(["disk", "list", "-t", "t", "-o", "json"]) == 0
+        assert [d["name"] for d in json.loads(capsys.readouterr().out)] == ["data"]
+        with pytest.raises(SystemExit):  # argparse: the size names the problem
+            main(["disk", "create", "bad", "--size", "0", "-t", "t"])
+        assert "expected a size" in capsys.readouterr().err
+        assert main(["vm", "create", "v", "--kernel", "k", "--memory", "32M", "--disk",
+                     "disk=data", "--no-start", "-t", "t", "-o", "json"]) == 0
+        vm = json.loads(capsys.readouterr().out)
+        assert vm["disks"] == [{"image": None, "disk": "data", "readonly": False}]
+        assert main(["disk", "delete", "data", "-t", "t"]) == 1  # attached to v
+        assert "attached" in capsys.readouterr().err
+        assert main(["vm", "delete", "v", "-t", "t"]) == 0
+        assert main(["disk", "delete", "data", "-t", "t"]) == 0
+        assert "deleted" in capsys.readouterr().out
+        assert stack.service.disks.count("t") == 0
+    finally:
+        stack.close()

@@ -49,9 +49,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.add_argument("--vcpus", type=int, default=1, help="vCPUs (default 1)")
     create.add_argument("--memory", type=parse_size, default=parse_size("256M"),
                         help="guest RAM, e.g. 256M (default 256M)")
-    create.add_argument("--disk", action="append", default=[], metavar="IMAGE[,readonly]",
-                        help="a virtio-blk disk from an image (repeatable; writable disks "
-                        "are private copies)")
+    create.add_argument("--disk", action="append", default=[],
+                        metavar="IMAGE[,readonly] | disk=NAME[,readonly]",
+                        help="a virtio-blk disk (repeatable): a disk of the tenant "
+                        "(`disk=NAME`, see `isovisor disk`), or an image (writable ones "
+                        "become private encrypted copies)")
     create.add_argument("--rng", action="store_true", help="add a virtio-rng device")
     create.add_argument("--nic", action="append", default=[], metavar="NETWORK",
                         help="a virtio-net NIC on a network of the tenant (repeatable; fixed "
@@ -100,7 +102,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 def _disk(text: str) -> dict[str, object]:
     image, _, opts = text.partition(",")
     if opts not in ("", "readonly", "ro"):
-        raise CliError(f"--disk {text!r}: expected IMAGE or IMAGE,readonly")
+        raise CliError(f"--disk {text!r}: expected IMAGE[,readonly] or disk=NAME[,readonly]")
+    if image.startswith("disk="):
+        return {"disk": image.removeprefix("disk="), "readonly": bool(opts)}
     return {"image": image, "readonly": bool(opts)}
 
 
