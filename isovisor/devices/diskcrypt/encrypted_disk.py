@@ -63,19 +63,16 @@ class EncryptedDisk(Disk):
     def write_from(self, views: list[memoryview], offset: int, total: int,
                    aligned: bool) -> None:
         self._check_writable()
+        # one buffer (the usual case) is encrypted straight from guest RAM; several are
+        # joined into a private copy first
+        plain = views[0] if len(views) == 1 else memoryview(b"".join(views))
+        buf = memoryview(self._cbuf)
         done = 0
-        if len(views) == 1:
-            while done < total:
-                n = min(total - done, CHUNK)
-                ct = self.cipher.encrypt((offset + done) // SECTOR_SIZE, views[0][done : done + n])
-                _pwrite_full(self.fd, ct, offset + done)
-                done += n
-            return
-        plain = b"".join(views)  # a private copy; several buffers are the unusual case
         while done < total:
             n = min(total - done, CHUNK)
-            ct = self.cipher.encrypt((offset + done) // SECTOR_SIZE, plain[done : done + n])
-            _pwrite_full(self.fd, ct, offset + done)
+            self.cipher.encrypt_into((offset + done) // SECTOR_SIZE, plain[done : done + n],
+                                     buf[:n])
+            _pwrite_full(self.fd, buf[:n], offset + done)
             done += n
 
     def discard(self, offset: int, length: int) -> None:
@@ -106,7 +103,7 @@ def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
         done += n
 
 
-def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     done = 0
     while done < len(view):
