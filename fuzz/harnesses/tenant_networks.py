@@ -56,7 +56,10 @@ def _check(db: Any, networks: Any) -> None:
             assert not a.overlaps(b), f"{a} overlaps {b}"
     macs: set[str] = set()
     for n in nets:
-        assert ruleset.network_ruleset(n.plan).count(str(n.plan.gateway)) == 1
+        guard = ruleset.network_ruleset(n.plan)
+        assert f"arp daddr ip {n.plan.gateway} accept" in guard
+        assert set(re.findall(r"\d+\.\d+\.\d+\.\d+", guard)) == {
+            str(n.plan.gateway), "255.255.255.255"}, guard
         ips: set[str] = set()
         for nic in networks.nics_of_network(n.id):
             net = ipaddress.IPv4Network(n.cidr)
