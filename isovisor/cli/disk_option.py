@@ -92,9 +92,10 @@ def _read_key(text: str, values: dict[str, str]) -> bytes | None:
             raise argparse.ArgumentTypeError(
                 f"--disk keyfile={values['keyfile']!r}: {exc.strerror}") from None
         if len(key) != KEY_BYTES:
+            size = f"more than {KEY_BYTES}" if len(key) > KEY_BYTES else str(len(key))
             raise argparse.ArgumentTypeError(
                 f"--disk keyfile={values['keyfile']!r}: a key file holds exactly "
-                f"{KEY_BYTES} bytes, this one {len(key)}{'+' if len(key) > KEY_BYTES else ''}")
+                f"{KEY_BYTES} bytes, this one {size}")
         return key
     if "keyfd" in values:
         fd = _count("keyfd", values["keyfd"]) if values["keyfd"] != "0" else 0
