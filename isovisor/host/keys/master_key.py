@@ -2,9 +2,8 @@
 
 `FileMasterKey` is the one in use: 32 random bytes in a root-only file (0600, owned by
 the daemon's user, no symlink followed) in the daemon's state directory, created on first
-use. A TPM-sealed source (issue #7's isovisor/security/tpm) implements the same
-`load() -> bytes` and replaces it in `HostService` without touching the hierarchy; until
-the TPM's seal/unseal API exists, the file is the source (docs/SECURITY.md, storage).
+use. `TpmSealedMasterKey` (tpm_master_key.py) implements the same `load() -> bytes` with
+the key sealed to the TPM; the daemon does not use it yet (docs/SECURITY.md, storage).
 """
 
 from __future__ import annotations

@@ -1,0 +1,139 @@
+"""The host master key sealed to the TPM: a `MasterKeySource` for hosts with one.
+
+The key is 32 random bytes inside a TPM sealed-data object (keyedhash, fixedTPM,
+fixedParent) created under a storage primary key that the TPM derives from its owner
+seed with a fixed template, so the same TPM gives the same parent every time and the
+parent never leaves it. What the state directory holds (`master.sealed`, 0600) is the
+object's public area and its private area encrypted by the TPM: useless on any other
+machine or TPM, and the key itself is never in a file. Loading it again asks the TPM to
+unseal it.
+
+Not yet bound to PCRs: a policy on the measured-launch PCRs (isovisor.security.integrity)
+would make the key unavailable to a host whose measurements changed, at the price of a
+re-seal on every legitimate update; docs/SECURITY.md lists it as a next step. The daemon
+still uses `FileMasterKey` by default; this source is what `HostService` takes instead
+once the daemon's TPM is up before the key hierarchy (docs/SECURITY.md, storage gaps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR
+from tpm2_pytss.types import (
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
+    TPMS_SENSITIVE_CREATE,
+)
+
+from isovisor.host.keys.master_key import MASTER_KEY_BYTES, MasterKeyError
+from isovisor.security.tpm import TpmAddress
+
+PARENT_TEMPLATE = "ecc256:aes128cfb"
+PARENT_ATTRIBUTES = ("fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted"
+                     "|decrypt|noda")
+SEALED_ATTRIBUTES = "fixedtpm|fixedparent|userwithauth|noda"
+MAX_BLOB_BYTES = 4096  # a TPM2B_PRIVATE and a TPM2B_PUBLIC: a few hundred bytes
+
+
+class TpmSealedMasterKey:
+    def __init__(self, address: TpmAddress, blob_path: Path) -> None:
+        self.address = address
+        self.path = blob_path
+
+    def load(self) -> bytes:
+        blob = self._read_blob()
+        if blob is None:
+            return self._create()
+        try:
+            private, used = TPM2B_PRIVATE.unmarshal(blob)
+            public, rest = TPM2B_PUBLIC.unmarshal(blob[used:])
+        except Exception:  # tpm2-pytss raises several kinds on garbage
+            raise MasterKeyError(f"sealed master key {self.path} is not a sealed TPM "
+                                 "object") from None
+        if used + rest != len(blob):
+            raise MasterKeyError(f"sealed master key {self.path} has trailing bytes")
+        with self._esapi("unseal the master key") as esys:
+            parent = self._parent(esys)
+            try:
+                obj = esys.load(parent, private, public)
+                key = bytes(esys.unseal(obj))
+                esys.flush_context(obj)
+            except TSS2_Exception as exc:
+                raise MasterKeyError(f"sealed master key {self.path} does not unseal on "
+                                     f"this TPM ({exc})") from None
+            finally:
+                esys.flush_context(parent)
+        if len(key) != MASTER_KEY_BYTES:
+            raise MasterKeyError(f"sealed master key {self.path} holds {len(key)} bytes")
+        return key
+
+    def _create(self) -> bytes:
+        key = os.urandom(MASTER_KEY_BYTES)
+        with self._esapi("seal the master key") as esys:
+            parent = self._parent(esys)
+            try:
+                sensitive = TPM2B_SENSITIVE_CREATE(
+                    TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(key)))
+                template = TPM2B_PUBLIC.parse("keyedhash", objectAttributes=SEALED_ATTRIBUTES)
+                private, public, *_ = esys.create(parent, sensitive, template)
+            finally:
+                esys.flush_context(parent)
+        blob = private.marshal() + public.marshal()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, blob)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return key
+
+    def _read_blob(self) -> bytes | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise MasterKeyError(f"sealed master key {self.path} is a symlink") from None
+            raise MasterKeyError(f"sealed master key {self.path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or st.st_uid != os.geteuid():
+                raise MasterKeyError(f"sealed master key {self.path} must be a regular file, "
+                                     "mode 0600, owned by the daemon's user")
+            return os.read(fd, MAX_BLOB_BYTES + 1)[:MAX_BLOB_BYTES + 1]
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _parent(esys: ESAPI) -> ESYS_TR:
+        template = TPM2B_PUBLIC.parse(PARENT_TEMPLATE, objectAttributes=PARENT_ATTRIBUTES)
+        handle, *_ = esys.create_primary(TPM2B_SENSITIVE_CREATE(), template,
+                                         primary_handle=ESYS_TR.OWNER)
+        return handle
+
+    @contextlib.contextmanager
+    def _esapi(self, what: str) -> Iterator[ESAPI]:
+        try:
+            tcti = TCTILdr(self.address.tcti, self.address.conf)
+        except TSS2_Exception as exc:
+            raise MasterKeyError(f"cannot reach the TPM at {self.address.describe()} to "
+                                 f"{what}: {exc}") from None
+        try:
+            with ESAPI(tcti) as esys:
+                yield esys
+        except TSS2_Exception as exc:
+            raise MasterKeyError(f"the TPM could not {what}: {exc}") from None
+        finally:
+            tcti.close()
