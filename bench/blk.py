@@ -322,6 +322,16 @@ def markdown_block(results: dict[tuple[str, str], list[Run]], facts: dict[str, s
 
 
 NOTES = [
+    "What remains below the target: a 4 KiB request costs the device about 9.5 us of "
+    "Python and syscall time on one I/O thread, while QEMU spreads its I/O over its main "
+    "loop and about 50 thread-pool workers (per-thread CPU during this guest's rand run: "
+    "main loop ~46% of a core, the workers ~50% together, the vCPU thread 100% in both "
+    "VMMs); how much that parallelism wins depends on how busy the shared host is, so "
+    "the rand ratio moves from window to window: the four full runs (this command) "
+    "before the one above, 2026-11-26 21:22-21:38 UTC, gave rand 0.61x, 0.68x, 0.84x and "
+    "1.19x, seq 0.27x, 0.43x, 0.41x and 0.44x. A 64 KiB request is mostly the kernel "
+    "copying from the page cache (~63% of the I/O thread's time is system time in seq), "
+    "which QEMU runs on several threads at once.",
     "What the request path costs (`bench/blk_path.py`: the device alone, in process, on "
     "a synthetic queue laid out as this guest's; cProfile for the split): a 4 KiB read "
     "takes about 9.5 us of CPU, down from 40 us: walking and validating the chain "
@@ -344,6 +354,11 @@ NOTES = [
     "runs differ by no more than run-to-run noise (one window, 2 runs each: rand 30,000 "
     "and 49,100 IOPS jailed, 33,700 and 45,200 unjailed), so the seccomp filters on the "
     "device thread (one syscall per request, preadv) cost nothing measurable here.",
+    "Tried and left out, because measurements did not support them: a thread pool for "
+    "preadv (in process, 64 KiB reads from the page cache: 1.56 GB/s from one thread, "
+    "0.58 and 0.73 GB/s from pools of 2 and 3: the GIL hand-offs cost more than the "
+    "parallel copies gain on 2 cores), and busy-polling the available ring for 200 us "
+    "after each batch (unjailed, 4 runs each: rand 43,900 IOPS without, 42,100 with).",
     "The guest waits with `hlt` (`--wait hlt`): with `--wait poll` its spinning vCPU "
     "takes one of the host's two cores from the VMM's I/O thread, which costs isovisor "
     "far more than QEMU. QEMU's own figures move by 2x between runs on this shared host "

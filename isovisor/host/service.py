@@ -57,6 +57,7 @@ class HostService:
 
     def open(self) -> dict[str, str]:
         """Reconcile with the VM processes that survived a restart; watch for exits."""
+        self.disks.open()  # the master key, from the source the daemon chose
         self.networks.reconcile()  # bridges, TAPs, rules, dnsmasqs before any VM runs
         report = self.lifecycle.reconcile()
         for vm_id, what in report.items():
