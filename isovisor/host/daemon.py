@@ -24,10 +24,11 @@ from isovisor.api.pipeline import RequestObserver
 from isovisor.api.server import ApiServer, SecurityEventHook, TlsFiles
 from isovisor.host.config import ConfigError, DaemonConfig, add_arguments
 from isovisor.host.integrity import UNGATED, HostIntegrity, open_integrity
+from isovisor.host.keys.tpm_master_key import sealed_master_key
 from isovisor.host.lifecycle import LifecycleEvent, LifecycleObserver
 from isovisor.host.models import VmState
 from isovisor.host.runner import SECURITY_EVENTS, VmHandle, VmRunner
-from isovisor.host.service import HostService
+from isovisor.host.service import MASTER_KEY_FILE, HostService
 from isovisor.security.audit import AuditError
 from isovisor.security.audit.hooks import HostAudit, HostAuditConfig
 from isovisor.security.audit.vm_events import VmChannel, VmEventWatcher
@@ -102,6 +103,11 @@ class Daemon:
         try:
             self.integrity = open_integrity(config.extra.get("integrity"), config.state_dir,
                                             self.audit.log, self.service.lifecycle)
+            if self.integrity is not None and self.integrity.gate is not None:
+                # With a TPM, the disks' master key is sealed to it (issue #9).
+                self.service.disks.keys.use_source(sealed_master_key(
+                    self.integrity.gate.tpm.address,
+                    config.state_dir / MASTER_KEY_FILE.rsplit("/", 1)[0]))
             self.reconciled = self.service.open()
             self.admin = (ensure_admin(self.ca, self.service, config, config.bootstrap_admin)
                           if config.bootstrap_admin else None)

@@ -53,7 +53,11 @@ class DiskStore:
         self.root = root
         self.keys = keys
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        keys.ensure()
+
+    def open(self) -> None:
+        """Load (or create) the master key now (HostService.open, once the daemon chose its
+        source): an unusable key stops the daemon at start, naming the file."""
+        self.keys.ensure()
 
     def path(self, tenant: str, disk_id: str) -> Path:
         return self.root / check_name("tenant", tenant) / f"{disk_id}.img"

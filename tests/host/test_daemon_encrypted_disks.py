@@ -178,3 +178,33 @@ def test_disk_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
         assert stack.service.disks.count("t") == 0
     finally:
         stack.close()
+
+
+def test_with_a_tpm_the_master_key_is_sealed_and_an_old_key_file_migrates(
+        tmp_path: Path) -> None:
+    """A daemon without [integrity] keeps its master key in a file; started again with a
+    TPM (the swtpm it runs), it seals that same key into the TPM and shreds the file: the
+    disk made before still opens; a restart unseals the key again."""
+    from tests.security.integrity.integrity_setup import make_integrity_files
+
+    state = tmp_path / "state"
+    keys_dir = state / MASTER_KEY_FILE.rsplit("/", 1)[0]
+    plain = Daemon(DaemonConfig(state_dir=state, listen="127.0.0.1:0"))
+    try:
+        plain.service.tenants.create("a")
+        plain.service.disks.create("a", "data", 1)
+        _, key = plain.service.disks.open_for_vm("a", "data")
+    finally:
+        plain.stop()
+    assert (keys_dir / "master.key").exists()
+    files = make_integrity_files(tmp_path)
+    for _ in range(2):  # the migration, then a plain restart
+        d = Daemon(DaemonConfig(state_dir=state, listen="127.0.0.1:0",
+                                extra={"integrity": files.config_table()}))
+        try:
+            assert d.service.disks.open_for_vm("a", "data")[1] == key
+            assert not (keys_dir / "master.key").exists()
+            sealed = (keys_dir / "master.sealed").read_bytes()
+            assert d.service.disks.keys._master not in sealed  # type: ignore[operator]
+        finally:
+            d.stop()

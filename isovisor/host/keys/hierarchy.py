@@ -50,6 +50,13 @@ class KeyHierarchy:
         self._source = master
         self._master: bytes | None = None
 
+    def use_source(self, source: MasterKeySource) -> None:
+        """Take the master key from `source` instead (before it was first loaded: the
+        daemon switches to the TPM-sealed key once its TPM is up)."""
+        if self._master is not None:
+            raise RuntimeError("the master key was already loaded from another source")
+        self._source = source
+
     def ensure(self) -> None:
         """Load (or create) the master key now: a daemon with an unusable one fails at
         start, naming the file, rather than at the first disk."""

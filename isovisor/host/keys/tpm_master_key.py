@@ -8,11 +8,14 @@ object's public area and its private area encrypted by the TPM: useless on any o
 machine or TPM, and the key itself is never in a file. Loading it again asks the TPM to
 unseal it.
 
+`sealed_master_key` is what the daemon uses when its TPM is up (an `[integrity]` table):
+a master key file from before is sealed into the TPM and the file shredded, so existing
+disks stay readable. Clearing the TPM (a new owner seed) makes every disk unreadable: a
+crypto-shred of the whole host.
+
 Not yet bound to PCRs: a policy on the measured-launch PCRs (isovisor.security.integrity)
 would make the key unavailable to a host whose measurements changed, at the price of a
-re-seal on every legitimate update; docs/SECURITY.md lists it as a next step. The daemon
-still uses `FileMasterKey` by default; this source is what `HostService` takes instead
-once the daemon's TPM is up before the key hierarchy (docs/SECURITY.md, storage gaps).
+re-seal on every legitimate update; docs/SECURITY.md lists it as a next step.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ PARENT_ATTRIBUTES = ("fixedtpm|fixedparent|sensitivedataorigin|userwithauth|rest
                      "|decrypt|noda")
 SEALED_ATTRIBUTES = "fixedtpm|fixedparent|userwithauth|noda"
 MAX_BLOB_BYTES = 4096  # a TPM2B_PRIVATE and a TPM2B_PUBLIC: a few hundred bytes
+SEALED_FILE = "master.sealed"
+FILE_KEY = "master.key"
 
 
 class TpmSealedMasterKey:
@@ -78,6 +83,13 @@ class TpmSealedMasterKey:
 
     def _create(self) -> bytes:
         key = os.urandom(MASTER_KEY_BYTES)
+        self.seal(key)
+        return key
+
+    def seal(self, key: bytes) -> None:
+        """Seal `key` into a new blob file (refused if one exists)."""
+        if len(key) != MASTER_KEY_BYTES:
+            raise MasterKeyError(f"a master key is {MASTER_KEY_BYTES} bytes, not {len(key)}")
         with self._esapi("seal the master key") as esys:
             parent = self._parent(esys)
             try:
@@ -96,7 +108,6 @@ class TpmSealedMasterKey:
             os.fsync(fd)
         finally:
             os.close(fd)
-        return key
 
     def _read_blob(self) -> bytes | None:
         try:
@@ -137,3 +148,22 @@ class TpmSealedMasterKey:
             raise MasterKeyError(f"the TPM could not {what}: {exc}") from None
         finally:
             tcti.close()
+
+
+def sealed_master_key(address: TpmAddress, keys_dir: Path) -> TpmSealedMasterKey:
+    """The daemon's master key source on a host with a TPM: `keys_dir/master.sealed`. A
+    `master.key` file left from before (FileMasterKey) is sealed into the TPM, then
+    overwritten and removed: the disks it protects stay readable, the file is gone."""
+    from isovisor.host.keys.master_key import FileMasterKey
+
+    source = TpmSealedMasterKey(address, keys_dir / SEALED_FILE)
+    old = keys_dir / FILE_KEY
+    if old.exists() and not source.path.exists():
+        source.seal(FileMasterKey(old).load())
+    if old.exists():
+        with open(old, "r+b") as f:
+            f.write(bytes(MASTER_KEY_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        old.unlink()
+    return source
