@@ -3,7 +3,7 @@
 `FileMasterKey` is the one in use: 32 random bytes in a root-only file (0600, owned by
 the daemon's user, no symlink followed) in the daemon's state directory, created on first
 use. `TpmSealedMasterKey` (tpm_master_key.py) implements the same `load() -> bytes` with
-the key sealed to the TPM; the daemon does not use it yet (docs/SECURITY.md, storage).
+the key sealed to the TPM; the daemon uses it when it runs with its TPM (`[integrity]`).
 """
 
 from __future__ import annotations
