@@ -233,3 +233,45 @@ def test_event_idx_avail_event_and_rearm(mem: GuestMemory) -> None:
     assert q.pop() is not None
     assert not q.enable_notification()
     assert d.avail_event() == 2
+
+
+# --- batches (pop_heads) ------------------------------------------------------------------
+
+
+def test_pop_heads_takes_every_available_head_across_the_ring_end(mem: GuestMemory) -> None:
+    q, d = queue(mem, size=8, event_idx=True)
+    q.next_avail = q.next_used = 5
+    d.set_avail_idx(5)
+    for head in range(8):
+        d.writable_chain(head, BUF_ADDR + 0x100 * head, 8)
+    d.publish(7, 6, 5, 4, 3, 2)  # ring slots 5, 6, 7, 0, 1, 2
+    assert q.pop_heads() == [7, 6, 5, 4, 3, 2]
+    assert q.pop_heads() == [] and q.next_avail == 11
+    assert d.avail_event() == 11  # one avail_event write for the batch (§2.7.10)
+    assert [x.addr for x in q.walk(4)] == [BUF_ADDR + 0x400]
+    q.undo_pop(2)
+    assert q.pop_heads() == [3, 2]
+
+
+def test_pop_heads_refuses_an_index_jump(mem: GuestMemory) -> None:
+    q, d = queue(mem, size=8)
+    d.set_avail_idx(9)
+    with pytest.raises(GuestProtocolError, match="moved 9 entries"):
+        q.pop_heads()
+    assert q.next_avail == 0  # nothing consumed
+
+
+def test_a_batch_ends_in_one_interrupt_with_event_idx(mem: GuestMemory) -> None:
+    """Completing a whole batch publishes used.idx per element but asks for one interrupt
+    when the driver's used_event lies inside the batch (§2.7.10)."""
+    q, d = queue(mem, size=8, event_idx=True)
+    assert q.needs_notification() is True  # the first check always notifies
+    for head in range(6):
+        d.writable_chain(head, BUF_ADDR, 8)
+    d.publish(*range(6))
+    d.set_used_event(5)  # "interrupt me once the 6th buffer is used"
+    for head in q.pop_heads():
+        q.add_used(head, 8)
+    assert d.used_idx() == 6
+    assert q.needs_notification() is True
+    assert q.needs_notification() is False  # nothing new since
