@@ -3,8 +3,10 @@ sequences of network creates and deletes (fuzzed names and CIDR text) and VM cre
 fuzzed NIC lists, in two tenants; then the nftables text generated for every network and
 NIC. (The API pipeline itself is `api_requests`'s.)
 
-Oracles: nothing but HostError escapes; a refused operation changes no row; networks on
-the host never overlap and each is a valid /16../29 IPv4 CIDR; every NIC's address lies
+Oracles: nothing but HostError escapes; a refused operation changes no row; one tenant's
+networks never overlap (two tenants' may: each network has a namespace of its own, whose
+name is valid and unique), each is a valid /16../29 IPv4 CIDR, and an overlap refusal
+names a range of the requesting tenant only; every NIC's address lies
 inside its network, is neither the network, gateway nor broadcast address, and is unique
 in it; MACs are unique, unicast and locally administered; a NIC's network belongs to its
 VM's tenant; each NIC's ruleset names exactly its own TAP, MAC and IP."""
@@ -46,14 +48,17 @@ def _snapshot(db: Any) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], li
 
 
 def _check(db: Any, networks: Any) -> None:
+    from isovisor.devices.tap import check_netns_name
     from isovisor.host.network import ruleset
-    from isovisor.host.network.addressing import parse_cidr
+    from isovisor.host.network.addressing import netns_name, parse_cidr
 
     nets = networks.all()
-    cidrs = [parse_cidr(n.cidr) for n in nets]
-    for i, a in enumerate(cidrs):
-        for b in cidrs[i + 1:]:
-            assert not a.overlaps(b), f"{a} overlaps {b}"
+    for i, a in enumerate(nets):
+        for b in nets[i + 1:]:
+            if a.tenant == b.tenant:
+                assert not parse_cidr(a.cidr).overlaps(parse_cidr(b.cidr)), (a, b)
+    spaces = {check_netns_name(netns_name("isovisor", n.id)) for n in nets}
+    assert len(spaces) == len(nets), "two networks in one namespace"
     macs: set[str] = set()
     for n in nets:
         guard = ruleset.network_ruleset(n.plan)
@@ -122,8 +127,11 @@ def one_input(data: bytes) -> None:
                                               (tenant,)).fetchone()
                         if row is not None:
                             vms.delete(row[0])
-                except HostError:
+                except HostError as exc:
                     assert _snapshot(db) == before, "a refused operation changed the state"
+                    if op == 0 and "overlaps" in str(exc) and "reserved" not in str(exc):
+                        own = {n.cidr for n in networks.all() if n.tenant == tenant}
+                        assert any(c in str(exc) for c in own), (tenant, str(exc))
                 _check(db, networks)
         finally:
             db.close()

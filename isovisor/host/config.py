@@ -6,7 +6,7 @@ and then by command-line options.
     listen = "127.0.0.1:8443"            # the only listener: mutual TLS 1.3
     server_names = ["localhost"]         # DNS names in the server certificate
     bootstrap_admin = "admin"            # made Host Admin at / on start (optional)
-    network_namespace = "isovisor"       # holds tenant networks (made when first needed)
+    network_namespace = "isovisor"       # prefix: network ID lives in namespace isovisor-ID
     [audit]                              # optional: see isovisor.security.audit.hooks
     checkpoint_records = 256             # (HostAuditConfig: checkpoints, syslog, ...)
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 DEFAULT_STATE_DIR = Path("/var/lib/isovisor")
 DEFAULT_LISTEN = "127.0.0.1:8443"
-_NETNS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NETNS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,54}$")  # + "-ID": at most 64
 
 
 class ConfigError(Exception):
@@ -81,7 +81,8 @@ class DaemonConfig:
             elif key == "network_namespace":
                 if not isinstance(value, str) or not _NETNS.match(value):
                     raise ConfigError(f"network_namespace {value!r} is not a network "
-                                      "namespace name (letters, digits, '.', '_', '-')")
+                                      "namespace prefix (letters, digits, '.', '_', '-'; "
+                                      "at most 55: each network's namespace is PREFIX-ID)")
                 values[key] = value
             elif key == "audit":  # checked by HostAuditConfig.from_table
                 values["extra"] = {**config.extra, "audit": dict(value)}
@@ -97,9 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/isovisor)")
     p.add_argument("--ca-dir", type=Path, help="CA directory (default STATE_DIR/ca)")
     p.add_argument("--listen", help="HOST:PORT for the mutual-TLS API (default 127.0.0.1:8443)")
-    p.add_argument("--network-namespace", metavar="NAME",
-                   help="network namespace for tenant networks (default isovisor; "
-                   "made when the first network is created)")
+    p.add_argument("--network-namespace", metavar="PREFIX",
+                   help="tenant network ID gets network namespace PREFIX-ID (default "
+                   "isovisor), made with the network and deleted with it")
     p.add_argument("--bootstrap-admin", metavar="NAME",
                    help="make NAME Host Admin at / (its certificate goes to STATE_DIR/admin/)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

@@ -27,7 +27,8 @@ from isovisor.security.rbac import ROOT, Scope
 log = logging.getLogger(__name__)
 DB_FILE = "isovisord.sqlite3"
 MASTER_KEY_FILE = "storage-keys/master.key"  # in a 0700 directory of its own
-# The network namespace holding tenant networks (bridges, TAPs, nftables, dnsmasqs).
+# Prefix of tenant networks' namespaces: network ID's bridge, TAPs, nftables and dnsmasq
+# live in namespace PREFIX-ID.
 DEFAULT_NETWORK_NAMESPACE = "isovisor"
 
 

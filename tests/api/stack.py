@@ -115,20 +115,14 @@ class Stack:
     def close(self) -> None:
         self.server.stop()
         self.service.close()
-        remove_network_namespace(self.service.networks.netns)
+        netns.remove_tree(self.service.networks.netns_prefix)
 
 
 def stack_network_namespace() -> str:
-    """A network namespace name of this test process for a HostService's tenant networks:
-    made only when a test creates a network, swept like every `isvtest-PID-N` namespace,
-    so no stack ever touches the host's own `isovisor` namespace."""
+    """A network namespace prefix of this test process for a HostService's tenant networks
+    (network ID gets namespace PREFIX-ID when a test creates it), swept like every
+    `isvtest-PID-...` namespace, so no stack ever touches the host's own `isovisor-*`."""
     return f"{netns.PREFIX}{os.getpid()}-{next(netns._counter)}"
-
-
-def remove_network_namespace(name: str) -> None:
-    if os.path.exists(f"/run/netns/{name}"):
-        netns._kill_inside(name)  # the networks' dnsmasqs
-        netns._ip("netns", "del", name, check=False)
 
 
 def build_stack(root: Path, runner: object | None = None) -> Stack:

@@ -1,5 +1,6 @@
-"""A tenant-network fabric for tests: NetworkPlumbing in a network namespace the test
-made (tests/devices/virtio/netns.py: removed with everything in it, even after a crash),
+"""A tenant-network fabric for tests: NetworkPlumbing with a namespace prefix the test
+made (tests/devices/virtio/netns.py: the network namespaces `NAME-ID` the plumbing makes
+are removed with the test's own namespace NAME, everything in them, even after a crash),
 and "wires": the guest end of a NIC's TAP, opened as a VMM would, to inject frames as
 that guest and to collect what the guest would receive."""
 
@@ -26,12 +27,17 @@ def nic(nic_id: str, net: NetworkPlan, mac: str, ip: str) -> NicPlan:
     return NicPlan(nic_id, net, mac, ipaddress.IPv4Address(ip))
 
 
+def inside(plumbing: NetworkPlumbing, net: NetworkPlan) -> NetNs:
+    """The test helpers (run, call, links, ...) for network `net`'s own namespace."""
+    return NetNs.existing(plumbing.netns(net))
+
+
 class Wire:
     """The guest side of a NIC's TAP."""
 
-    def __init__(self, ns: NetNs, plan: NicPlan) -> None:
+    def __init__(self, plumbing: NetworkPlumbing, plan: NicPlan) -> None:
         self.plan = plan
-        self.tap: Tap = ns.open_tap(plan.tap)
+        self.tap: Tap = inside(plumbing, plan.network).open_tap(plan.tap)
         self.received: list[bytes] = []
 
     def send(self, frame: bytes) -> None:

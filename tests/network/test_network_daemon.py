@@ -1,14 +1,17 @@
 """Tenant networks through isovisord: the API and CLI create, list and delete networks;
-a VM names networks of its own tenant only; its NIC is a TAP on that network's bridge in
-the daemon's network namespace (a namespace this test made), reached by the jailed
-worker through `isovisor run --net tap=...,netns=...`; deleting the VM and the networks
-leaves no bridge, TAP, nftables table or dnsmasq behind."""
+two tenants may pick the same CIDR, one tenant's networks may not overlap; a VM names
+networks of its own tenant only; its NIC is a TAP on that network's bridge in the
+network's own namespace (named after the daemon's `network_namespace` prefix, here a
+namespace this test made), reached by the jailed worker through
+`isovisor run --net tap=...,netns=...`; deleting the VM and the networks leaves no
+namespace, bridge, TAP, nftables table or dnsmasq behind."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,7 @@ from isovisor.host.daemon import Daemon
 from isovisor.host.network.addressing import nic_table, tap_name
 from isovisor.kvm import Kvm
 from tests.api.stack import Stack, build_stack
-from tests.devices.virtio.netns import NetNs
+from tests.devices.virtio.netns import NetNs, namespaces_left
 from tests.devices.virtio.serial_guests import build_serial_guest, reported
 
 ALIVE = 0x600DF00D
@@ -69,11 +72,15 @@ def test_networks_and_a_vm_nic_through_the_daemon(
             c.put(f"/v1/tenants/{t}/images/k", content=kernel.read_bytes())
         net_a = c.post("/v1/tenants/a/networks", json={"name": "lan", "cidr": "10.61.0.0/24"})
         assert net_a["gateway"] == "10.61.0.1" and net_a["cidr"] == "10.61.0.0/24"
-        c.post("/v1/tenants/b/networks", json={"name": "blan", "cidr": "10.62.0.0/24"})
+        # Tenant b picks the same range: each network has a namespace of its own.
+        net_b = c.post("/v1/tenants/b/networks", json={"name": "blan", "cidr": "10.61.0.0/24"})
+        assert net_b["gateway"] == "10.61.0.1" and net_b["cidr"] == "10.61.0.0/24"
         assert [n["name"] for n in c.get("/v1/tenants/a/networks")["items"]] == ["lan"]
-        err = _error(lambda: c.post("/v1/tenants/b/networks",
+        # One tenant's own networks may not overlap (a VM may have NICs on both).
+        err = _error(lambda: c.post("/v1/tenants/a/networks",
                                     json={"name": "x", "cidr": "10.61.0.128/25"}))
-        assert err.status == 409 and "overlaps" in err.message
+        assert err.status == 409 and "overlaps 10.61.0.0/24 of this tenant's network 'lan'" \
+            in err.message
         for cidr, what in (("10.70.0.1/24", "host bits"), ("10.70.0.0/30", "prefix length"),
                            ("127.0.0.0/16", "reserved"), ("fd00::/64", "IPv4"),
                            ("nonsense", "not a network")):
@@ -108,10 +115,14 @@ def test_networks_and_a_vm_nic_through_the_daemon(
         assert values[-1] == ALIVE
         # The frame left the guest through the worker onto this VM's TAP, where its rule
         # (and nothing else) dropped it.
-        rules = ns.run("nft", "list", "table", "netdev", nic_table(record.id)).stdout
+        plan_a = svc.networks.store.get("a", "lan").plan
+        ns_a = NetNs.existing(svc.networks.plumbing.netns(plan_a))
+        assert ns_a.name == f"{ns.name}-{plan_a.id}"
+        rules = ns_a.run("nft", "list", "table", "netdev", nic_table(record.id)).stdout
         assert f'device "{tap}"' in rules and "ether saddr != " + nic["mac"] in rules
         assert sum(int(x) for x in re.findall(r"counter packets (\d+)", rules)) == 1
-        assert f"master {svc.networks.store.get('a', 'lan').plan.bridge}" in ns.links()
+        assert f"master {plan_a.bridge}" in ns_a.links()
+        assert tap not in ns.links()  # nothing of a network in the prefix's namespace
 
         err = _error(lambda: c.delete("/v1/tenants/a/networks/lan"))
         assert err.status == 409 and "still has VM NICs" in err.message
@@ -121,14 +132,14 @@ def test_networks_and_a_vm_nic_through_the_daemon(
         c.delete("/v1/tenants/a/vms/v")
         inv = svc.networks.inventory()
         assert tap not in inv.taps and f"netdev {nic_table(record.id)}" not in inv.tables
-        assert len(inv.bridges) == 2 and len(inv.dnsmasq_pids) == 2
+        assert len(inv.namespaces) == len(inv.bridges) == len(inv.dnsmasq_pids) == 2
         c.delete("/v1/tenants/a/networks/lan")
         c.delete("/v1/tenants/b/networks/blan")
         assert c.get("/v1/tenants/a/networks")["items"] == []
         c.delete("/v1/tenants/b")  # empty now
     inv = svc.networks.inventory()
     assert inv.empty, inv
-    assert "isovisor" not in ns.run("nft", "list", "ruleset").stdout
+    assert namespaces_left() == [ns.name]  # the networks' namespaces are gone
 
 
 def test_network_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -161,8 +172,10 @@ def test_network_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 
 def test_a_restart_rebuilds_what_the_records_say(tmp_path: Path) -> None:
-    """The host lost its network objects (a reboot, an operator's `ip link del`): the next
-    HostService.open() rebuilds bridges, TAPs, rules and dnsmasqs from the records."""
+    """The host lost its network objects (a reboot that took a network's namespace, an
+    operator's `ip link del`), and a namespace no record knows is left from a crash: the
+    next HostService.open() rebuilds namespaces, bridges, TAPs, rules and dnsmasqs from
+    the records and deletes the stray namespace."""
     if os.geteuid() != 0:
         pytest.skip("LOUD SKIP: tenant networks need root")
     from isovisor.host.service import HostService
@@ -174,30 +187,47 @@ def test_a_restart_rebuilds_what_the_records_say(tmp_path: Path) -> None:
         svc = HostService(state, runner=InertRunner(tmp_path / "run"),  # type: ignore[arg-type]
                           network_namespace=ns.name)
         svc.open()
-        svc.tenants.create("a")
+        for t in ("a", "b"):
+            svc.tenants.create(t)
         svc.images.put("a", "k", [b"\x7fELF"])
         net = svc.networks.create("a", "lan", "10.64.0.0/24")
+        net_b = svc.networks.create("b", "lan", "10.64.0.0/24")  # the same range
         vm = svc.create_vm("a", VmSpec(name="v", kernel="k", nics=("lan",)), False, "t")
         before = svc.networks.inventory()
+        plumbing = svc.networks.plumbing
+        assert sorted(before.namespaces) == sorted(plumbing.netns(n.plan) for n in (net, net_b))
         svc.close()
-        # Everything gone: the dnsmasq killed, the bridge, TAP and tables deleted.
+        # a's namespace gone with its dnsmasq (a reboot); b's bridge and rules deleted.
         for pid in before.dnsmasq_pids:
             os.kill(pid, 9)
-        ns.run("ip", "link", "del", net.plan.bridge)
-        ns.run("ip", "link", "del", tap_name(vm.nics[0].id))
-        ns.run("nft", "flush", "ruleset")
-        assert svc.networks.inventory().empty
+        subprocess.run(["ip", "netns", "del", plumbing.netns(net.plan)], check=True)
+        ns_b = NetNs.existing(plumbing.netns(net_b.plan))
+        ns_b.run("ip", "link", "del", net_b.plan.bridge)
+        ns_b.run("nft", "flush", "ruleset")
+        # A namespace of this prefix no record names (a crash mid-create), with a bridge.
+        stray = f"{ns.name}-0badcafe"
+        subprocess.run(["ip", "netns", "add", stray], check=True)
+        subprocess.run(["ip", "-n", stray, "link", "add", "isvb-0badcafe", "type", "bridge"],
+                       check=True)
+        lost = svc.networks.inventory()
+        assert sorted(lost.namespaces) == sorted([plumbing.netns(net_b.plan), stray])
+        assert (lost.bridges, lost.taps, lost.tables) == (("isvb-0badcafe",), (), ())
         again = HostService(state, runner=InertRunner(tmp_path / "run"),  # type: ignore[arg-type]
                             network_namespace=ns.name)
         try:
             again.open()
             after = again.networks.inventory()
-            assert (after.bridges, after.taps, sorted(after.tables)) == (
-                before.bridges, before.taps, sorted(before.tables))
-            assert len(after.dnsmasq_pids) == 1
-            assert f"master {net.plan.bridge}" in ns.links()
-            assert "ip saddr " + vm.nics[0].ip + " accept" in ns.run(
+            assert (sorted(after.namespaces), sorted(after.bridges), after.taps,
+                    sorted(after.tables)) == (sorted(before.namespaces), sorted(before.bridges),
+                                              before.taps, sorted(before.tables))
+            assert len(after.dnsmasq_pids) == 2
+            assert stray not in namespaces_left()
+            ns_a = NetNs.existing(plumbing.netns(net.plan))
+            assert f"master {net.plan.bridge}" in ns_a.links()
+            assert "ip saddr " + vm.nics[0].ip + " accept" in ns_a.run(
                 "nft", "list", "table", "netdev", nic_table(vm.nics[0].id)).stdout
+            assert "inet 10.64.0.1/24" in ns_b.run("ip", "-o", "addr", "show",
+                                                    net_b.plan.bridge).stdout
         finally:
             again.close()
 

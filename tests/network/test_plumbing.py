@@ -1,5 +1,6 @@
 """Tenant networks on real kernel networking, no VMs: NetworkPlumbing builds two tenants'
-networks (bridges, TAPs, nftables, dnsmasqs) in a namespace this test made, and the guest
+networks (each its own namespace with a bridge, TAPs, nftables, a dnsmasq) under a
+namespace prefix this test made, and the guest
 ends of the TAPs inject frames exactly as a VMM's virtio-net would. What each TAP's guest
 end receives is what a guest would see."""
 
@@ -15,8 +16,8 @@ import pytest
 
 from isovisor.host.network.addressing import NetworkPlan, NicPlan
 from isovisor.host.network.plumbing import NetworkPlumbing
-from tests.devices.virtio.netns import NetNs
-from tests.network.fabric import Wire, fabric, network, nic
+from tests.devices.virtio.netns import NetNs, namespaces_left
+from tests.network.fabric import Wire, fabric, inside, network, nic
 from tests.network.frames import (
     BROADCAST,
     arp_frame,
@@ -45,7 +46,7 @@ class Fabric:
             plumbing.ensure_network(net, nics)
             for n in nics:
                 plumbing.ensure_nic(n)
-        self.wires = {n.id: Wire(ns, n) for nics in NICS.values() for n in nics}
+        self.wires = {n.id: Wire(plumbing, n) for nics in NICS.values() for n in nics}
 
     def wire(self, plan: NicPlan) -> Wire:
         return self.wires[plan.id]
@@ -106,19 +107,23 @@ def test_a_nic_sends_only_from_its_own_addresses_and_only_inside_its_network(
         BROADCAST, mac(B1), str(B1.ip), "10.82.0.255", b"b-broadcast"))]
     assert b1.drain() == []  # nothing of tenant A's, its own broadcast not echoed
     # The TAP's own drop counter saw every spoofed frame (the rule, not luck, dropped them).
-    rules = fab.ns.run("nft", "list", "table", "netdev", A1.table).stdout
+    rules = inside(fab.plumbing, NET_A).run("nft", "list", "table", "netdev", A1.table).stdout
     counted = sum(int(x) for x in re.findall(r"counter packets (\d+)", rules))
     assert counted == len(spoofed)
 
 
 def test_guests_reach_no_host_service_but_dhcp(fab: Fabric) -> None:
     a1 = fab.wire(A1)
-    gw_mac = mac_bytes(fab.ns.run("cat", f"/sys/class/net/{NET_A.bridge}/address")
+    ns_a, ns_b = inside(fab.plumbing, NET_A), inside(fab.plumbing, NET_B)
+    gw_mac = mac_bytes(ns_a.run("cat", f"/sys/class/net/{NET_A.bridge}/address")
                        .stdout.strip())
-    listener = fab.ns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    # A UDP listener on every host address of each network's namespace.
+    listeners = [ns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                 for ns in (ns_a, ns_b)]
     try:
-        listener.bind(("0.0.0.0", 4000))
-        listener.settimeout(1.0)
+        for listener in listeners:
+            listener.bind(("0.0.0.0", 4000))
+            listener.setblocking(False)
         # A datagram to a host port on the gateway, one to B's network through the host
         # (routing), and an ARP for an address that is not the gateway's.
         a1.send(udp_frame(gw_mac, mac(A1), str(A1.ip), str(NET_A.gateway), b"to-host"))
@@ -127,13 +132,15 @@ def test_guests_reach_no_host_service_but_dhcp(fab: Fabric) -> None:
         # DHCP's port, but aimed at the other network's gateway (a host address too)
         a1.send(udp_frame(gw_mac, mac(A1), str(A1.ip), str(NET_B.gateway), b"x",
                           sport=68, dport=67))
-        with pytest.raises(TimeoutError):
-            listener.recvfrom(100)
+        assert fab.wire(B1).drain() == []
+        assert [f for f in a1.drain() if arp_sender(f)] == []  # the host answered no ARP
+        for listener in listeners:
+            with pytest.raises(BlockingIOError):
+                listener.recvfrom(100)
     finally:
-        listener.close()
-    assert fab.wire(B1).drain() == []
-    assert [f for f in a1.drain() if arp_sender(f)] == []  # the host answered no ARP
-    guard = fab.ns.run("nft", "list", "table", "netdev", NET_A.table).stdout
+        for listener in listeners:
+            listener.close()
+    guard = ns_a.run("nft", "list", "table", "netdev", NET_A.table).stdout
     assert re.findall(r"counter packets (\d+)", guard) == ["4"]  # the guard dropped all four
     # ARP for the gateway is answered (a DHCP client renewing needs it) ...
     a1.send(arp_frame(mac(A1), mac(A1), str(A1.ip), str(NET_A.gateway)))
@@ -169,6 +176,7 @@ def test_removal_leaves_nothing_behind(tmp_path: Path) -> None:
         plumbing.ensure_network(NET_A, NICS[NET_A])
         plumbing.ensure_nic(A1)
         inv = plumbing.inventory()
+        assert sorted(inv.namespaces) == sorted(plumbing.netns(n) for n in (NET_A, NET_B))
         assert sorted(inv.bridges) == sorted([NET_A.bridge, NET_B.bridge])
         assert sorted(inv.taps) == sorted(n.tap for n in (A1, A2, B1, B2))
         assert len(inv.tables) == 6 and len(inv.dnsmasq_pids) == 2
@@ -181,7 +189,7 @@ def test_removal_leaves_nothing_behind(tmp_path: Path) -> None:
             plumbing.remove_network(net)
         inv = plumbing.inventory()
         assert inv.empty, inv
-        assert "isovisor" not in ns.run("nft", "list", "ruleset").stdout
+        assert namespaces_left() == [ns.name]  # the networks' namespaces went with them
         assert not any((tmp_path / "net-run").iterdir())
 
 

@@ -5,7 +5,11 @@ A network `10.8.0.0/24` has its gateway (the bridge's address, the DHCP server) 
 first host address, 10.8.0.1; NICs get 10.8.0.2 upwards, in allocation order. Host object
 names derive from the 8-hex-digit ids the store gives networks and NICs: bridge
 `isvb-ID`, TAP `isvt-ID` (Linux interface names are at most 15 bytes), nft tables
-`isovisor-net-ID` and `isovisor-nic-ID`."""
+`isovisor-net-ID` and `isovisor-nic-ID`, and the network's own network namespace
+`PREFIX-ID` (PREFIX: the daemon's `network_namespace` setting), which holds all of them.
+
+Each network being alone in its namespace, two tenants may use the same CIDR; within one
+tenant networks may not overlap (see store.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from isovisor.host.errors import InvalidRequest
 MIN_PREFIX, MAX_PREFIX = 16, 29  # /16: 65534 hosts; /29: the gateway and 5 NICs
 BRIDGE_PREFIX, TAP_PREFIX = "isvb-", "isvt-"
 NET_TABLE_PREFIX, NIC_TABLE_PREFIX = "isovisor-net-", "isovisor-nic-"
+MAX_NETNS_PREFIX = 55  # + "-" + 8 hex digits: the 64 characters a namespace name may have
+_NETNS_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,54}$")
 _ID = re.compile(r"^[0-9a-f]{8}$")
 # Blocks a tenant network may not take: they mean something to the host or to IP itself.
 _RESERVED = tuple(ipaddress.ip_network(n) for n in (
@@ -50,6 +56,18 @@ def net_table(network_id: str) -> str:
 
 def nic_table(nic_id: str) -> str:
     return NIC_TABLE_PREFIX + check_id(nic_id)
+
+
+def check_netns_prefix(prefix: str) -> str:
+    if not _NETNS_PREFIX.match(prefix):
+        raise ValueError(f"network namespace prefix {prefix!r} is invalid (letters, digits, "
+                         f"'.', '_' and '-', at most {MAX_NETNS_PREFIX})")
+    return prefix
+
+
+def netns_name(prefix: str, network_id: str) -> str:
+    """The network namespace of network `network_id`: `PREFIX-ID`."""
+    return f"{check_netns_prefix(prefix)}-{check_id(network_id)}"
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network:

@@ -4,7 +4,7 @@ MAC -> IP entries, `static` range: an unknown MAC gets nothing), advertising no 
 no DNS server (a network has no egress).
 
 dnsmasq drops to `nobody` after start, keeping only CAP_NET_ADMIN (it injects ARP entries
-for its unicast replies). It runs daemonised inside the daemon's network namespace, with
+for its unicast replies). It runs daemonised inside the network's own namespace, with
 its pid in the network's run directory; the entries are its command line, so a NIC change
 restarts it (DHCP clients retry). `find` recognises our dnsmasq by pid file plus command
 line, so a stale pid file never makes us signal another process."""
@@ -73,17 +73,30 @@ def find(net: NetworkPlan, run_dir: Path) -> int | None:
     return None
 
 
+def _kill(pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + timeout
+    while _cmdline(pid) and time.monotonic() < end:
+        time.sleep(0.01)
+    if _cmdline(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def stop(net: NetworkPlan, run_dir: Path, timeout: float = 5.0) -> None:
     pid = find(net, run_dir)
     if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        end = time.monotonic() + timeout
-        while _cmdline(pid) and time.monotonic() < end:
-            time.sleep(0.01)
-        if _cmdline(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill(pid, timeout)
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / PID_FILE).unlink()
+
+
+def stop_all(run_dir: Path, pids: list[int], timeout: float = 5.0) -> None:
+    """Stop the dnsmasqs `pids` (found inside a network's namespace, which is about to be
+    deleted: nothing else of ours runs there) and forget the network's pid file."""
+    for pid in pids:
+        _kill(pid, timeout)
     with contextlib.suppress(FileNotFoundError):
         (run_dir / PID_FILE).unlink()
 

@@ -3,7 +3,9 @@ objects (NetworkPlumbing) kept in step. A network's bridge, guard rules and dnsm
 from its creation to its deletion; a NIC's TAP and rules from its VM's creation to its
 VM's deletion (a stopped VM keeps its address, MAC and TAP); dnsmasq always knows exactly
 the NICs on its network. `reconcile` replays everything after a daemon restart (or a
-reboot that emptied the namespace)."""
+reboot that deleted the namespaces) and deletes the namespaces of networks no record
+knows (a crash between building and recording, or deleting and forgetting): one daemon
+per `network_namespace` prefix."""
 
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ class NetworkService:
         self._lock = threading.Lock()  # one host change at a time (dnsmasq restarts)
 
     @property
-    def netns(self) -> str:
-        return self.plumbing.netns
+    def netns_prefix(self) -> str:
+        return self.plumbing.netns_prefix
 
     def create(self, tenant: str, name: str, cidr: str) -> Network:
         network = self.store.create(tenant, name, cidr)
@@ -81,16 +83,25 @@ class NetworkService:
             self.plumbing.refresh_dhcp(network.plan, [n.plan for n in nics])
 
     def net_options(self, vm_id: str) -> tuple[str, ...]:
-        """`isovisor run --net` values for a VM's NICs (TAPs in the daemon's namespace)."""
-        return tuple(f"tap={tap_name(n.id)},mac={n.mac},netns={self.netns}"
+        """`isovisor run --net` values for a VM's NICs (each TAP in its network's
+        namespace)."""
+        return tuple(f"tap={tap_name(n.id)},mac={n.mac},"
+                     f"netns={self.plumbing.netns(n.network.plan)}"
                      for n in self.store.nics_of_vm(vm_id))
 
     def reconcile(self) -> None:
-        """Make the host match the records: every network and NIC rebuilt (idempotent)."""
+        """Make the host match the records: every network and NIC rebuilt (idempotent),
+        every namespace of this prefix that no network record names deleted."""
         networks = self.store.all()
-        if not networks:
-            return
+        known = {n.id for n in networks}
         with self._lock:
+            for orphan in self.plumbing.network_ids():
+                if orphan not in known:
+                    log.warning("deleting the namespace of unknown network %s", orphan)
+                    try:
+                        self.plumbing.remove_namespace(orphan)
+                    except Exception:
+                        log.exception("cannot delete the namespace of network %s", orphan)
             for network in networks:
                 try:
                     self._ensure_network(network)

@@ -4,8 +4,9 @@ A network belongs to one tenant and is named within it; a NIC belongs to one VM 
 network of the VM's own tenant: `allocate_nics` looks networks up by (tenant, name), so a
 VM spec can never name another tenant's network (there is no syntax for it). Each NIC gets
 a fresh locally administered MAC (unique on the host) and the lowest free address of its
-network. Two networks on one host may not overlap: their gateways share the daemon's
-network namespace (see docs/NET.md)."""
+network. Each network has a network namespace of its own, so networks of different tenants
+may use the same or overlapping CIDRs; a tenant's own networks may not overlap each other
+(a VM with NICs on two of them would have two routes to one address; see docs/NET.md)."""
 
 from __future__ import annotations
 
@@ -94,10 +95,11 @@ class NetworkStore:
             if conn.execute("SELECT 1 FROM networks WHERE tenant = ? AND name = ?",
                             (tenant, name)).fetchone():
                 raise Conflict(f"network {name!r} already exists")
-            for (other,) in conn.execute("SELECT cidr FROM networks"):
-                if net.overlaps(ipaddress.IPv4Network(other)):
-                    raise Conflict(f"CIDR {net} overlaps a network already on this host; "
-                                   "choose another range")
+            for other, cidr in conn.execute("SELECT name, cidr FROM networks WHERE tenant = ?",
+                                            (tenant,)):
+                if net.overlaps(ipaddress.IPv4Network(cidr)):
+                    raise Conflict(f"CIDR {net} overlaps {cidr} of this tenant's network "
+                                   f"{other!r}; choose another range")
             while True:
                 net_id = new_id()
                 if conn.execute("SELECT 1 FROM networks WHERE id = ?", (net_id,)).fetchone() \

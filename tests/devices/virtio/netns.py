@@ -3,8 +3,9 @@ dnsmasq DHCP server in it, and clean-up that leaves nothing behind.
 
 Guest traffic only ever reaches a namespace the test made: the TAP lives in it, so a
 guest's frames cannot meet the host's own interfaces. Names carry the test process's pid
-(`isvtest-<pid>-<n>`); a namespace left by a test process that died (SIGKILL) is removed
-the next time a namespace is made.
+(`isvtest-<pid>-<n>`); tenant-network code under test makes namespaces of its own named
+after it (`isvtest-<pid>-<n>-<network id>`), removed with it. A namespace left by a test
+process that died (SIGKILL) is removed the next time a namespace is made.
 
 Code that must run "inside" the namespace without a subprocess (opening a TAP, a packet
 socket) runs in a short-lived thread that setns(2)'s into it: a TAP or socket belongs to
@@ -65,11 +66,23 @@ def _kill_inside(ns: str) -> None:
             pass
 
 
+def remove_tree(name: str) -> None:
+    """Delete namespace `name` and those named `name-*` (the per-network namespaces of
+    tenant networks made under it), killing every process inside first."""
+    listing = _ip("netns", "list", check=False).stdout
+    for child in re.findall(rf"^({re.escape(name)}-\S+)", listing, re.MULTILINE):
+        _kill_inside(child)
+        _ip("netns", "del", child, check=False)
+    if os.path.exists(f"/run/netns/{name}"):
+        _kill_inside(name)
+        _ip("netns", "del", name, check=False)
+
+
 def sweep_stale() -> None:
     """Delete namespaces (and the processes in them) left by test processes that no
     longer exist."""
     listing = _ip("netns", "list", check=False).stdout
-    for name in re.findall(rf"^({PREFIX}(\d+)-\d+)", listing, re.MULTILINE):
+    for name in re.findall(rf"^({PREFIX}(\d+)-\S+)", listing, re.MULTILINE):
         full, pid = name
         if not _pid_alive(int(pid)):
             _kill_inside(full)
@@ -252,9 +265,17 @@ class NetNs:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        _kill_inside(self.name)  # anything a started process left behind in there
-        # Deleting the namespace removes its TAPs and veths with it.
-        _ip("netns", "del", self.name, check=False)
+        # Anything a started process left behind in there (and in per-network namespaces
+        # made under our name); deleting a namespace removes its TAPs and veths with it.
+        remove_tree(self.name)
+
+    @classmethod
+    def existing(cls, name: str) -> NetNs:
+        """These helpers for a namespace someone else made (a tenant network's, by
+        NetworkPlumbing); close() leaves it to its maker."""
+        ns = cls.__new__(cls)
+        ns.name, ns._procs, ns._closed = name, [], True
+        return ns
 
     def __enter__(self) -> NetNs:
         return self
@@ -266,7 +287,7 @@ class NetNs:
 def namespaces_left() -> list[str]:
     """This process's namespaces that still exist (a clean-up check for tests)."""
     listing = _ip("netns", "list", check=False).stdout
-    return re.findall(rf"^({PREFIX}{os.getpid()}-\d+)", listing, re.MULTILINE)
+    return re.findall(rf"^({PREFIX}{os.getpid()}-\S+)", listing, re.MULTILINE)
 
 
 @contextmanager

@@ -3,11 +3,12 @@ gets a DHCP lease through our device, and through QEMU microvm's, from a dnsmasq
 other end of a TAP.
 
 Each VMM gets a network namespace of its own. isovisor's guest sits on a tenant network
-as the daemon builds them (isovisor.host.network: a bridge, the NIC's TAP behind its
-anti-spoofing rules, a dnsmasq that knows the NIC's fixed MAC and IP), with a second
-tenant's network and dnsmasq alive beside it in the same namespace, a different CIDR, and
-that dnsmasq told about the very same MAC: the lease must be the NIC's assigned address
-from its own network's server, and the other server must never hear the guest. isovisor
+as the daemon builds them (isovisor.host.network: a namespace of the network's own with a
+bridge, the NIC's TAP behind its anti-spoofing rules, a dnsmasq that knows the NIC's fixed
+MAC and IP), with a second tenant's network and dnsmasq alive beside it, the same CIDR,
+and that dnsmasq told about the very same MAC (with another address): the lease must be
+the NIC's assigned address from its own network's server, and the other server must
+never hear the guest. isovisor
 runs as `isovisor run` does by default, in its jailed worker, attaching the TAP with
 `--net tap=...,netns=...` as the daemon does (nsenter switches only the network namespace:
 the jail needs the host's /sys). QEMU's guest keeps the plain set-up it always had: a TAP
@@ -57,9 +58,9 @@ VMMS = ("isovisor", "qemu")
 # isovisor's guest: tenant A's network and NIC; tenant B's network beside it, whose dnsmasq
 # also has an entry for A's NIC's MAC (so it would answer, were it ever reached).
 NET_A = NetworkPlan("0000aa01", ipaddress.IPv4Network("10.201.0.0/24"))
-NET_B = NetworkPlan("0000bb01", ipaddress.IPv4Network("10.202.0.0/24"))
+NET_B = NetworkPlan("0000bb01", ipaddress.IPv4Network("10.201.0.0/24"))  # the same range
 NIC_A = NicPlan("0000aa02", NET_A, "02:00:0a:c9:00:07", ipaddress.IPv4Address("10.201.0.7"))
-DECOY_B = NicPlan("0000bb02", NET_B, NIC_A.mac, ipaddress.IPv4Address("10.202.0.7"))
+DECOY_B = NicPlan("0000bb02", NET_B, NIC_A.mac, ipaddress.IPv4Address("10.201.0.9"))
 DHCP_LINE = re.compile(
     r"IP-Config: Got DHCP answer from (\S+), my address is (\d+\.\d+\.\d+\.\d+)"
 )
@@ -118,6 +119,7 @@ def vmm_argv(vmm: str, netns: str = "") -> list[str]:
 def start_boot(vmm: str, directory: Path) -> Boot:
     ns = NetNs()
     other = None
+    tap_netns = ns.name
     try:
         if vmm == "isovisor":
             plumbing = NetworkPlumbing(ns.name, directory / "net")
@@ -127,13 +129,14 @@ def start_boot(vmm: str, directory: Path) -> Boot:
             plumbing.ensure_nic(DECOY_B)  # B's own segment has a NIC (a TAP) too
             log = directory / "net" / NET_A.id / LOG_FILE
             other = directory / "net" / NET_B.id / LOG_FILE
+            tap_netns = plumbing.netns(NET_A)  # the TAP is in its network's namespace
         else:
             ns.add_tap(TAP, f"{SERVER}/24")
             log = directory / f"{vmm}.dnsmasq"
             ns.start_dnsmasq(TAP, FIRST, LAST, log)
         out, err = directory / f"{vmm}.out", directory / f"{vmm}.err"
         with out.open("wb") as o, err.open("wb") as e:
-            proc = ns.popen(vmm_argv(vmm, ns.name), net_only=vmm == "isovisor", cwd=REPO,
+            proc = ns.popen(vmm_argv(vmm, tap_netns), net_only=vmm == "isovisor", cwd=REPO,
                             stdin=subprocess.DEVNULL, stdout=o, stderr=e,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     except BaseException:
@@ -190,7 +193,7 @@ def check_boot(result: BootResult) -> str:
         # its own tenant network's server, the NIC's fixed address, never tenant B's
         assert server == str(NET_A.gateway) and address == str(NIC_A.ip), ctx
         assert f"DHCPACK({NET_A.bridge}) {address} {NIC_A.mac}" in result.dnsmasq, ctx
-        assert "DHCP, static leases only on 10.202.0.0" in result.other_dnsmasq, ctx
+        assert "DHCP, static leases only on 10.201.0.0" in result.other_dnsmasq, ctx
         assert NIC_A.mac not in result.other_dnsmasq, result.other_dnsmasq
         assert "DHCPDISCOVER" not in result.other_dnsmasq, result.other_dnsmasq
     else:
