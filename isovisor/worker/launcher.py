@@ -70,7 +70,7 @@ class LaunchRequest:
     serial_rate: float | None = 1024 * 1024
     serial_total_limit: int | None = 1024 * 1024 * 1024
     cpuset: str | None = None
-    cpu_cores: float | None = None  # default: one core per vCPU
+    cpu_cores: float | None = None  # default: one core per vCPU + VMM_THREAD_CORES
     binds: dict[str, str] = field(default_factory=dict)
     test_hook: str | None = None
     vm_id: str | None = None
