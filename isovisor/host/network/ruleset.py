@@ -15,12 +15,13 @@ Per network, a `netdev` table whose ingress chain is bound to the network's brid
 device: it sees exactly what the bridge passes up to the host itself (frames for the
 bridge's MAC, and the host's copy of broadcasts). Only ARP asking for the gateway address
 and DHCP requests (UDP 68 -> 67, to the gateway or broadcast) pass; nothing else reaches
-a host socket or the host's routing (so nothing is routed to another network either). (A
+a host socket or the network namespace's routing (which holds no other network anyway). (A
 `bridge`-family input chain would need `meta ibrname`, which this kernel lacks:
 CONFIG_NFT_BRIDGE_META is not set.)
 
-Frames never cross from one network to another at L2: each network is a bridge of its own
-and a TAP is on exactly one, so broadcast and multicast stay inside it.
+Frames never cross from one network to another: each network is a bridge of its own in a
+network namespace of its own (plumbing.py), and a TAP is on exactly one, so broadcast and
+multicast stay inside it. Each namespace has the tables of its own network and NICs only.
 
 Each table is created whole and deleted whole (`ensure_*` define it atomically,
 `delete_table` removes it with every chain and rule in it).
