@@ -154,8 +154,8 @@ def test_vm_disks_and_rng(stack: Stack) -> None:
             "name": "d", "kernel": "k", "rng": True,
             "disks": [{"image": "base", "readonly": True}, {"image": "data"}]})
         assert vm.status_code == 201, vm.text
-        assert vm.json()["disks"] == [{"image": "base", "readonly": True},
-                                      {"image": "data", "readonly": False}]
+        assert vm.json()["disks"] == [{"image": "base", "disk": None, "readonly": True},
+                                      {"image": "data", "disk": None, "readonly": False}]
         launch = stack.service.runner.launches[-1]  # type: ignore[attr-defined]
         (ro_path, ro), (rw_path, rw) = launch.disks
         images = stack.service.images
