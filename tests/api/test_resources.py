@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from isovisor.devices.diskcrypt.xts import SectorCipher
 from isovisor.host.runner import default_command
 from tests.api.stack import Stack
 
@@ -161,9 +162,14 @@ def test_vm_disks_and_rng(stack: Stack) -> None:
         images = stack.service.images
         assert ro and ro_path == images.path("disks", "base")
         assert not rw and rw_path != images.path("disks", "data")
-        assert rw_path.read_bytes() == b"data" * 100  # a private copy
+        # A private copy, encrypted with its own key (issue #9); the shared image is not.
+        copy = rw_path.read_bytes()
+        assert b"data" not in copy
+        assert launch.disk_keys[0] is None and launch.disk_keys[1] is not None
+        plain = SectorCipher(launch.disk_keys[1]).decrypt(0, copy)
+        assert plain[:400] == b"data" * 100 and not plain[400:].strip(b"\0")
         cmd = default_command(launch, Path("/run/x/console.log"))
-        assert f"{ro_path},readonly" in cmd and str(rw_path) in cmd and "--rng" in cmd
+        assert f"{ro_path},readonly" in cmd and f"{rw_path},keyfd=0" in cmd and "--rng" in cmd
         assert admin.delete("/v1/tenants/disks/images/data").status_code == 409
         assert admin.delete("/v1/tenants/disks/vms/d").status_code == 204
         assert not rw_path.exists()
