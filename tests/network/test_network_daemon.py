@@ -189,10 +189,18 @@ def test_a_restart_rebuilds_what_the_records_say(tmp_path: Path) -> None:
         svc.open()
         for t in ("a", "b"):
             svc.tenants.create(t)
-        svc.images.put("a", "k", [b"\x7fELF"])
+        for t in ("a", "b"):
+            svc.images.put(t, "k", [b"\x7fELF"])
         net = svc.networks.create("a", "lan", "10.64.0.0/24")
         net_b = svc.networks.create("b", "lan", "10.64.0.0/24")  # the same range
         vm = svc.create_vm("a", VmSpec(name="v", kernel="k", nics=("lan",)), False, "t")
+        vm_b = svc.create_vm("b", VmSpec(name="v", kernel="k", nics=("lan",)), False, "t")
+        # The same address in both tenants; each TAP opened in its own network's namespace.
+        assert vm.nics[0].ip == vm_b.nics[0].ip == "10.64.0.2"
+        assert vm.nics[0].mac != vm_b.nics[0].mac
+        (opt_a,), (opt_b,) = (svc.networks.net_options(v.id) for v in (vm, vm_b))
+        assert opt_a.endswith(f",netns={ns.name}-{net.id}")
+        assert opt_b.endswith(f",netns={ns.name}-{net_b.id}")
         before = svc.networks.inventory()
         plumbing = svc.networks.plumbing
         assert sorted(before.namespaces) == sorted(plumbing.netns(n.plan) for n in (net, net_b))
@@ -211,15 +219,17 @@ def test_a_restart_rebuilds_what_the_records_say(tmp_path: Path) -> None:
                        check=True)
         lost = svc.networks.inventory()
         assert sorted(lost.namespaces) == sorted([plumbing.netns(net_b.plan), stray])
-        assert (lost.bridges, lost.taps, lost.tables) == (("isvb-0badcafe",), (), ())
+        assert (lost.bridges, lost.taps, lost.tables) == (
+            ("isvb-0badcafe",), (tap_name(vm_b.nics[0].id),), ())  # b's TAP, detached
         again = HostService(state, runner=InertRunner(tmp_path / "run"),  # type: ignore[arg-type]
                             network_namespace=ns.name)
         try:
             again.open()
             after = again.networks.inventory()
-            assert (sorted(after.namespaces), sorted(after.bridges), after.taps,
+            assert (sorted(after.namespaces), sorted(after.bridges), sorted(after.taps),
                     sorted(after.tables)) == (sorted(before.namespaces), sorted(before.bridges),
-                                              before.taps, sorted(before.tables))
+                                              sorted(before.taps), sorted(before.tables))
+            assert len(before.taps) == 2 and len(before.tables) == 4
             assert len(after.dnsmasq_pids) == 2
             assert stray not in namespaces_left()
             ns_a = NetNs.existing(plumbing.netns(net.plan))
@@ -228,6 +238,7 @@ def test_a_restart_rebuilds_what_the_records_say(tmp_path: Path) -> None:
                 "nft", "list", "table", "netdev", nic_table(vm.nics[0].id)).stdout
             assert "inet 10.64.0.1/24" in ns_b.run("ip", "-o", "addr", "show",
                                                     net_b.plan.bridge).stdout
+            assert f"master {net_b.plan.bridge}" in ns_b.links()  # b's TAP back on it
         finally:
             again.close()
 
@@ -240,7 +251,9 @@ def test_network_namespace_setting(tmp_path: Path) -> None:
     toml.write_text('network_namespace = "tenants-1"\n')
     assert DaemonConfig.load(toml).network_namespace == "tenants-1"
     assert DaemonConfig.load(toml, network_namespace="x").network_namespace == "x"
-    for bad in ('"../etc"', '""', "3", '"a b"'):
+    toml.write_text(f'network_namespace = "{"n" * 55}"\n')  # + "-ID": 64, the most
+    assert DaemonConfig.load(toml).network_namespace == "n" * 55
+    for bad in ('"../etc"', '""', "3", '"a b"', f'"{"n" * 56}"'):
         toml.write_text(f"network_namespace = {bad}\n")
         with pytest.raises(ConfigError, match="network_namespace"):
             DaemonConfig.load(toml)
