@@ -1,4 +1,7 @@
-"""Descriptor chains of a split virtqueue, walked with every check inside the iterator.
+"""Descriptor chains of a split virtqueue, walked with every check inside the walk.
+
+`walk_chain` is the one walker: `DescriptorChain` (iterating it, `descriptors()`) and
+`Virtqueue.walk` (the virtio-blk fast path) both go through it.
 
 A chain is guest-controlled data: its descriptors, their `next` links, lengths, flags and
 any indirect table. Walking it is therefore where the rules of virtio 1.2 §2.7.4-§2.7.5
