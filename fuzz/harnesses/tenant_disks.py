@@ -111,7 +111,7 @@ def one_input(data: bytes) -> None:
                 except HostError:
                     assert _snapshot(db) == before, "a refused operation changed the state"
                 _check(db, disks, Path(tmp) / "volumes")
-            master = (Path(tmp) / "master.key").read_bytes()
+            master = FileMasterKey(Path(tmp) / "master.key").load()  # made on first use
             live = [aes_key_unwrap(master, bytes(w))
                     for (w,) in db.conn.execute("SELECT wrapped FROM tenant_keys")]
             for old in shredded:
