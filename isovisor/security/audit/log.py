@@ -27,27 +27,32 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from isovisor.security.audit.chain import Location, Seen, walk
 from isovisor.security.audit.entry import (
     FORMAT_VERSION,
+    GENESIS_PREV,
+    MAX_ENTRY_BYTES,
     SIGNATURE_CONTEXT,
     Entry,
     EntryType,
     canonical,
+    canonical_text,
     check_depth,
     check_kind,
     decode,
     encode,
+    record_line,
     sha256_hex,
-    timestamp,
+    timestamp_ns,
 )
 from isovisor.security.audit.errors import (
     AuditBusyError,
     AuditConfigError,
     AuditCorruptError,
     AuditError,
+    AuditRecordError,
     AuditUnavailableError,
     EntryFormatError,
 )
@@ -141,9 +146,10 @@ class AuditLog:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._stop = threading.Event()
-        self._head: Entry | _Prior = _Prior(seq=-1, hash="0" * 64)
+        self._head: Entry | _Head = _Head(seq=-1, hash=GENESIS_PREV)
         self._fd = -1
         self._segment = Segment(self.directory / segment_name(0), 0)
+        self._segment_name = self._segment.name
         self._segment_size = 0
         self._log_id = ""
         ensure_log_dir(self.directory)
@@ -198,12 +204,13 @@ class AuditLog:
         killed) and fsyncs within ``flush_seconds`` (until then a power loss may lose it).
         """
         check_kind(kind)
-        fields = {"type": EntryType.RECORD.value, "kind": kind, "data": dict(data)}
-        check_depth(fields["data"])
+        payload = dict(data)
+        check_depth(payload)
+        data_json = canonical_text(payload)  # outside the lock: no chain state needed
         with self._lock:
             self._check_open()
-            entry = self._write(fields)
-            segment = self._segment.name
+            entry = self._write_record(kind, data_json, payload)
+            segment = self._segment_name
             self._since_checkpoint += 1
             if self._since_checkpoint >= self.config.checkpoint_records:
                 self._write_checkpoint("count")
@@ -228,7 +235,7 @@ class AuditLog:
         with self._lock:
             self._check_open()
             entry = self._write_checkpoint(reason)
-            segment = self._segment.name
+            segment = self._segment_name
             target = self._written
         self._wait_durable(target)
         return Receipt(entry.seq, entry.hash, segment, True)
@@ -276,13 +283,37 @@ class AuditLog:
                 f"the audit log stopped taking records after a failure ({self._failed})")
 
     def _write(self, fields: dict[str, Any], *, sign: bool = False) -> Entry:
+        """Write a genesis entry or a checkpoint."""
         full: dict[str, Any] = {"v": FORMAT_VERSION, "seq": self._head.seq + 1,
-                                "ts": timestamp(time.time()), "prev": self._head.hash, **fields}
+                                "ts": timestamp_ns(time.time_ns()), "prev": self._head.hash,
+                                **fields}
         if sign:
             message = SIGNATURE_CONTEXT + canonical(full)
             full["sig"] = base64.b64encode(self._key.sign(message)).decode("ascii")
         entry = encode(full, check=False)
-        data = entry.line + b"\n"
+        self._emit(entry.line, entry, entry)
+        return entry
+
+    def _write_record(self, kind: str, data_json: str, data: dict[str, Any]) -> _Head:
+        """Write a record (``data_json`` is ``canonical_text(data)``): the line is assembled
+        around the encoded data, and an Entry is built only for a forwarder."""
+        seq, prev = self._head.seq + 1, self._head.hash
+        ts = timestamp_ns(time.time_ns())
+        line = record_line(seq, ts, prev, kind, data_json)
+        if len(line) > MAX_ENTRY_BYTES:
+            raise AuditRecordError(
+                f"entry of {len(line)} bytes exceeds the {MAX_ENTRY_BYTES}-byte limit")
+        head = _Head(seq, sha256_hex(line))
+        forward = None
+        if self._forwarder is not None:
+            forward = Entry(line, {"v": FORMAT_VERSION, "seq": seq, "ts": ts, "prev": prev,
+                                   "type": EntryType.RECORD.value, "kind": kind, "data": data})
+        self._emit(line, head, forward)
+        return head
+
+    def _emit(self, line: bytes, head: Entry | _Head, forward: Entry | None) -> None:
+        """Append one line to the current segment; ``head`` becomes the chain's head."""
+        data = line + b"\n"
         try:
             n = os.write(self._fd, data)
             if n != len(data):
@@ -292,15 +323,14 @@ class AuditLog:
                 os.ftruncate(self._fd, self._segment_size)
             except OSError:
                 pass
-            self._fail(f"writing {self._segment.name} failed: {exc}")
+            self._fail(f"writing {self._segment_name} failed: {exc}")
             raise AuditUnavailableError(f"the audit log cannot write: {exc}") from exc
         self._segment_size += n
         self._written += n
-        self._head = entry
-        if self._forwarder is not None:
+        self._head = head
+        if forward is not None:
             with self._cond:
-                self._to_forward.append((self._written, entry))
-        return entry
+                self._to_forward.append((self._written, forward))
 
     def _write_checkpoint(self, reason: str) -> Entry:
         entry = self._write({"type": EntryType.CHECKPOINT.value, "log": self._log_id,
@@ -324,6 +354,7 @@ class AuditLog:
             raise AuditUnavailableError(f"the audit log cannot start a new segment: {exc}") \
                 from exc
         self._segment = Segment(path, self._head.seq + 1)
+        self._segment_name = self._segment.name
         self._segment_size = 0
 
     def _sync_locked(self) -> None:
@@ -441,9 +472,10 @@ class AuditLog:
         self._fd = open_segment_for_append(path, create=True)
         fsync_dir(self.directory)
         self._segment = Segment(path, 0)
+        self._segment_name = self._segment.name
         self._segment_size = 0
         self._log_id = secrets.token_hex(16)
-        self._head = _Prior(seq=-1, hash="0" * 64)  # genesis: seq 0, all-zero prev
+        self._head = _Head(seq=-1, hash=GENESIS_PREV)  # genesis: seq 0, all-zero prev
         with self._lock:
             self._write({
                 "type": EntryType.GENESIS.value, "log": self._log_id, "key": self._key.key_id,
@@ -486,6 +518,7 @@ class AuditLog:
             log.warning("audit log: discarded %d bytes of an incomplete entry in %s",
                         discarded, last.name)
         self._segment = last
+        self._segment_name = last.name
         self._segment_size = os.fstat(fd).st_size
         self._head = head.entry
         unclean = not (head.entry.type is EntryType.CHECKPOINT
@@ -520,9 +553,9 @@ class AuditLog:
         write_file(path, pem, PUBLIC_MODE, replace=True)
 
 
-@dataclass(frozen=True)
-class _Prior:
-    """Stands for 'the entry before genesis' while the genesis entry is written."""
+class _Head(NamedTuple):
+    """The chain's head when it is a record (what the writer needs of it: no Entry is
+    built per append), or 'the entry before genesis' while the genesis entry is written."""
 
     seq: int
     hash: str
