@@ -134,7 +134,10 @@ class AuditLog:
         self._cond = threading.Condition(threading.Lock())
         self._written = 0  # bytes written since open, all segments
         self._durable = 0  # bytes fsynced since open
-        self._syncing = False
+        self._syncing = False  # a leader is fsyncing (set and cleared under _cond)
+        # Segment fds closed (rotation, close) while a leader may still be fsyncing them:
+        # the leader fsyncs self._fd itself (no dup per fsync) and closes these after.
+        self._retired: list[int] = []
         self._failed: str | None = None
         self._closed = False
         self._to_forward: deque[tuple[int, Entry]] = deque()
@@ -261,7 +264,7 @@ class AuditLog:
                     self._sync_locked()
             finally:
                 self._closed = True
-                os.close(self._fd)
+                self._retire(self._fd)
                 os.close(self._lock_fd)
                 with self._cond:
                     self._cond.notify_all()
@@ -343,7 +346,7 @@ class AuditLog:
         if self._head.type is not EntryType.CHECKPOINT:
             self._write_checkpoint("rotate")
         self._sync_locked()
-        os.close(self._fd)
+        self._retire(self._fd)
         path = self.directory / segment_name(self._head.seq + 1)
         try:
             self._fd = open_segment_for_append(path, create=True)
@@ -391,19 +394,32 @@ class AuditLog:
                 if self._closed or self._failed is not None:
                     return
                 upto = self._written
-                fd = os.dup(self._fd)
+                fd = self._fd  # stays open until this sync ends (_retire)
             try:
                 os.fsync(fd)
             except OSError as exc:
                 self._fail(f"fsync failed: {exc}")
                 return
-            finally:
-                os.close(fd)
             self._publish_durable(upto)
         finally:
             with self._cond:
                 self._syncing = False
+                retired, self._retired = self._retired, []
                 self._cond.notify_all()
+            for old in retired:
+                os.close(old)
+
+    def _retire(self, fd: int) -> None:
+        """Close a segment fd the writer is done with (rotation, close; self._lock held),
+        or leave it to the leader whose fsync may be using it: a leader reads self._fd
+        under self._lock after setting _syncing, so with no sync in flight nobody holds
+        it. (The old segment was fsynced before: whatever that leader's fsync covers of
+        it is already durable.)"""
+        with self._cond:
+            if self._syncing:
+                self._retired.append(fd)
+                return
+        os.close(fd)
 
     def _publish_durable(self, upto: int) -> None:
         ready: list[Entry] = []

@@ -284,6 +284,43 @@ def test_concurrent_appends_are_all_durable_and_chained(
         assert fsyncs < 120  # appends shared fsyncs
 
 
+def test_a_rotation_during_a_leaders_fsync_does_not_close_its_fd(
+        tmp_path: Path, key: AuditSigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group-commit leader fsyncs the segment's own fd (no dup per fsync): a rotation
+    meanwhile must leave that fd open until the fsync ends, then close it."""
+    d = tmp_path / "a"
+    fds_before = len(os.listdir("/proc/self/fd"))
+    log = AuditLog(cfg(d, segment_bytes=4096), key)
+    real_fsync = os.fsync
+    in_fsync, release = threading.Event(), threading.Event()
+
+    synced: list[str] = []
+
+    def slow(fd: int) -> None:
+        if threading.current_thread().name == "leader":
+            in_fsync.set()
+            assert release.wait(10)
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow)
+    leader = threading.Thread(target=lambda: log.append("t.rec", {"lead": True}),
+                              name="leader")
+    leader.start()
+    assert in_fsync.wait(10)
+    while len(list_segments(d)[0]) == 1:  # rotate while the leader's fsync is running
+        log.append("t.rec", {"pad": "x" * 500}, durable=False)
+    release.set()
+    leader.join()
+    assert log.failed is None
+    # Still the first segment (not a new file that got the closed fd's number).
+    assert synced == [str(d / "audit-000000000000.log")]
+    assert log.append("t.rec", {"after": True}).durable
+    log.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # the old segment's fd closed
+    assert verify_log(d, key.public_key).status is Status.VERIFIED
+
+
 def test_non_durable_appends_are_fsynced_soon(tmp_path: Path, key: AuditSigningKey,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     with AuditLog(cfg(tmp_path / "a", flush_seconds=0.02), key) as log:
