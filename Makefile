@@ -10,15 +10,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # busybox-static for initramfs, lz4 for extracting the stock kernel, e2fsprogs for the
 # ext4 image the test kernel mounts from virtio-blk; dnsmasq-base and nftables for tenant
 # networks (DHCP, anti-spoofing); libtss2-dev (+ pkg-config, gcc) to
-# build tpm2-pytss, which has no wheels, and the TCTIs it loads (swtpm, host /dev/tpmrm0).
+# build tpm2-pytss, which has no wheels, and the TCTIs it loads (swtpm, host /dev/tpmrm0);
+# libssl-dev (+ gcc) for the native AES-XTS of encrypted disks (`make native`).
 APT_PACKAGES := nasm qemu-system-x86 acpica-tools swtpm swtpm-tools busybox-static lz4 \
                 python3-venv libseccomp2 e2fsprogs dnsmasq-base nftables \
-                libtss2-dev libtss2-tctildr0 libtss2-tcti-swtpm0 libtss2-tcti-device0 pkg-config gcc
+                libtss2-dev libtss2-tctildr0 libtss2-tcti-swtpm0 libtss2-tcti-device0 pkg-config gcc \
+                libssl-dev
 
 GUEST_SRCS := $(wildcard guests/*.asm)
 GUEST_ELFS := $(patsubst guests/%.asm,guests/build/%.elf,$(GUEST_SRCS))
 
-.PHONY: setup system-deps venv guests dev-integrity demo test test-slow lint bench guest-linux clean help fuzz security-report
+.PHONY: setup system-deps venv guests native dev-integrity demo test test-slow lint bench guest-linux clean help fuzz security-report
 
 help:
 	@echo "make demo        install what is missing, boot a guest, then the daemon demo"
@@ -30,7 +32,7 @@ help:
 	@echo "make fuzz        run every fuzz harness for FUZZ_SECONDS each (default 30; FUZZ_HARNESSES=...)"
 	@echo "make security-report  attack-surface coverage: threat model, harnesses, fuzz runs, findings"
 
-setup: system-deps venv guests dev-integrity
+setup: system-deps venv guests native dev-integrity
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -57,6 +59,16 @@ guests/build/%.elf: guests/%.asm guests/include/*.inc
 	@rm -f guests/build/$*.o
 
 guests: system-deps $(GUEST_ELFS)
+
+# Encrypted disks' AES-XTS (isovisor/devices/diskcrypt/xts_native.c): a shared library
+# beside its source, loaded by path with ctypes; OpenSSL's libcrypto does the AES.
+XTS_LIB := isovisor/devices/diskcrypt/libisovisor_xts.so
+
+$(XTS_LIB): isovisor/devices/diskcrypt/xts_native.c | system-deps
+	gcc -std=c11 -O3 -fPIC -shared -Wall -Wextra -Werror -fstack-protector-strong \
+	    -D_FORTIFY_SOURCE=2 -Wl,-z,relro,-z,now -Wl,-z,noexecstack -o $@ $< -lcrypto
+
+native: $(XTS_LIB)
 
 # VMM and platform integrity for development (docs/INTEGRITY.md): a release key and a
 # policy key made once in .isovisor/ (git-ignored, 0700, keys 0600), the code manifest
@@ -107,4 +119,4 @@ security-report: venv
 	$(PY) -m isovisor.security.report
 
 clean:
-	rm -rf guests/build $(VENV) .pytest_cache .mypy_cache
+	rm -rf guests/build $(XTS_LIB) $(VENV) .pytest_cache .mypy_cache

@@ -418,6 +418,29 @@ def tenant_disks() -> Iterator[bytes]:
                               + mk_a.bytes()).bytes()  # shred, then a new disk, same name
 
 
+@seeds
+def diskcrypt() -> Iterator[bytes]:
+    from fuzz.harnesses.diskcrypt import CAPACITY
+
+    # mode 0, the cipher's calls: sector (flag 1: u64), length, same-size output (flag),
+    # encrypt (flag), 64 bytes of data
+    for sector, n, encrypt in ((0, 4096, 1), ((1 << 64) - 2, 1024, 0), ((1 << 64) - 1, 1024, 1),
+                               (7, 1000, 1)):
+        yield (Writer().u8(0).u8(1).u64(sector).u16(n).u8(1).u8(encrypt)
+               .raw(bytes(range(64))).bytes())
+    yield Writer().u8(0).u8(0).u16(3).u16(1024).u8(0).u16(512).u8(0).bytes()  # 1024 -> 512
+    # mode 1, a disk read: sectors - 1, first sector, cut count, cuts
+    yield Writer().u8(1).u8(15).u16(CAPACITY - 16).u8(2).u16(700).u16(3000).bytes()
+    yield Writer().u8(1).u8(0).u16(CAPACITY - 1).u8(0).bytes()  # the last sector
+    # mode 2, the device: the virtio_blk seeds' rings over the encrypted image
+    for rtype, sector, n, wr in ((0, 0, 4096, True), (1, CAPACITY - 2, 1024, False),
+                                 (0, CAPACITY - 1, 512, True), (0, CAPACITY, 512, True),
+                                 (5, 0, 16, False)):
+        descs, header = _blk_chain(rtype, sector, n, wr)
+        yield _device(~0, 0, lambda w, d=descs, h=header: ring_seed(w, 8, d, [0], h),
+                      prefix=b"\x02")
+
+
 def main() -> int:
     names = sys.argv[1:] or sorted(SEEDS)
     for name in names:

@@ -1,48 +1,37 @@
-"""AES-XTS-256 (IEEE 1619-2007) over whole 512-byte sectors, batched.
+"""AES-XTS-256 (IEEE 1619-2007) over whole 512-byte sectors, in native code.
 
 The data unit is one 512-byte sector and its tweak is the sector number as a 128-bit
 little-endian integer: exactly dm-crypt's `aes-xts-plain64` with a 512-bit key and
 512-byte sectors, and the same as `cryptography`'s XTS mode given
 `sector.to_bytes(16, "little")` as the tweak, sector by sector (tests check both).
 
-Why not that sector-by-sector loop: a Cipher object per 512 bytes costs microseconds of
-Python each, ~128 of them per 64 KiB request. Here a request is three C calls and a few
-numpy operations whatever its length:
+The work is done by `xts_native.c` (built by `make native` into libisovisor_xts.so beside
+this file, loaded with ctypes by `xts_native_lib.py`): one call per request whatever its
+length, the AES being OpenSSL's (AES-NI). This module checks
+every argument before that call (whole sectors, equal lengths, writable output, 64-bit
+sector numbers): the C code is never given a length its buffers do not have.
 
-1. E = AES-ECB_K2(sector numbers)             one call over all the sectors' tweaks;
-2. T[s, j] = E[s] * alpha^j in GF(2^128)       j = 0..31, all at once with 64-bit lanes;
-3. C = AES-ECB_K1(P xor T) xor T               (decrypt: P = AES-ECB^-1_K1(C xor T) xor T).
-
-ECB contexts are stateless, so one encryptor (K2), one encryptor and one decryptor (K1)
-serve every request. Multiplying by alpha^j (j < 64) is a 128-bit left shift by j; the j
-bits shifted out, o, come back reduced modulo x^128 + x^7 + x^2 + x + 1 as o*0x87
-(carry-less, at most 38 bits: no second reduction).
+There is no slower fallback: without the library, making a `SectorCipher` raises
+`XtsNativeError`, which names `make native` (an encrypted disk then fails to open, and
+says why; plain disks are unaffected).
 """
 
 from __future__ import annotations
 
-import os
+import ctypes
+import weakref
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS: no threads (jailed worker)
-
-import numpy as np
-import numpy.typing as npt
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+from isovisor.devices.diskcrypt import xts_native_lib as native
+from isovisor.devices.diskcrypt.xts_native_lib import XtsNativeError
 
 SECTOR_SIZE = 512
 KEY_BYTES = 64  # two AES-256 keys: K1 (data), K2 (tweak)
-BLOCK = 16
-BLOCKS_PER_SECTOR = SECTOR_SIZE // BLOCK  # 32
 U64_MAX = (1 << 64) - 1
 
-MAX_SECTORS = 2048  # per call: 1 MiB (the encrypted disk's chunk); larger calls split
-_J = np.arange(BLOCKS_PER_SECTOR, dtype=np.uint64)  # 0..31
-# A word's top j bits, for j = 0..31, from its top 31 bits h = w >> 33: h >> (31 - j)
-# (0 for j = 0; no shift reaches 64 bits).
-_TOP_SHIFT = np.uint64(31) - _J
-_SECTOR_STEP = np.arange(MAX_SECTORS, dtype=np.uint64)
+__all__ = ["KEY_BYTES", "SECTOR_SIZE", "SectorCipher", "XtsKeyError", "XtsNativeError",
+           "check_key"]
 
-U64Array = npt.NDArray[np.uint64]
+Buffer = bytes | bytearray | memoryview
 
 
 class XtsKeyError(ValueError):
@@ -63,82 +52,85 @@ class SectorCipher:
 
     def __init__(self, key: bytes) -> None:
         check_key(key)
-        k1, k2 = bytes(key[:32]), bytes(key[32:])
-        self._tweak = Cipher(algorithms.AES(k2), modes.ECB()).encryptor()
-        self._enc = Cipher(algorithms.AES(k1), modes.ECB()).encryptor()
-        self._dec = Cipher(algorithms.AES(k1), modes.ECB()).decryptor()
-        # Scratch, reused by every call (one I/O thread): no allocation per request.
-        words = MAX_SECTORS * SECTOR_SIZE // 8
-        self._tin = np.zeros((MAX_SECTORS, 2), dtype=np.uint64)  # tweak inputs
-        self._tout = bytearray(MAX_SECTORS * BLOCK + BLOCK)  # E_K2(sector)
-        self._t = np.empty(words, dtype=np.uint64)  # the tweaks T[s, j]
-        self._x = np.empty(words, dtype=np.uint64)  # data xor T
-        self._y = bytearray(MAX_SECTORS * SECTOR_SIZE + BLOCK)  # AES-ECB output
+        lib = native.library()  # XtsNativeError, naming `make native`
+        handle = lib.isx_new(bytes(key))
+        if not handle:
+            raise RuntimeError("libcrypto could not set up AES-256-ECB contexts")
+        self._crypt = lib.isx_crypt
+        self._handle: int | None = handle
+        # frees (and wipes) the key schedules when the cipher goes, if close() did not
+        self._finalizer = weakref.finalize(self, lib.isx_free, handle)
 
-    def tweaks(self, sector: int, count: int) -> U64Array:
-        """T[s, j] for sectors sector..sector+count-1 (count <= MAX_SECTORS): a
-        (count * 64,) view of uint64 (valid until the next call), in the byte layout of
-        the data it masks (two little-endian words per block)."""
-        if sector < 0 or not 0 <= count <= MAX_SECTORS or sector + count - 1 > U64_MAX:
-            raise ValueError(f"sectors {sector}..+{count} are not 64-bit sector numbers "
-                             f"(at most {MAX_SECTORS} per call)")
-        tin = self._tin[:count]
-        np.add(_SECTOR_STEP[:count], np.uint64(sector), out=tin[:, 0])
-        self._tweak.update_into(tin.data.cast("B"), self._tout)
-        e = np.frombuffer(self._tout, dtype="<u8", count=count * 2).reshape(count, 1, 2)
-        lo, hi = e[:, :, 0], e[:, :, 1]  # (count, 1): broadcast against j
-        out = self._t[: count * 64].reshape(count, BLOCKS_PER_SECTOR, 2)
-        np.left_shift(hi, _J, out=out[:, :, 1])
-        out[:, :, 1] |= (lo >> np.uint64(33)) >> _TOP_SHIFT  # lo's top j bits move up
-        over = (hi >> np.uint64(33)) >> _TOP_SHIFT  # hi's top j bits fall out: x^128 =
-        red = over << np.uint64(1)  # x^7 + x^2 + x + 1, so they come back as over * 0x87
-        red ^= over
-        red ^= over << np.uint64(2)
-        red ^= over << np.uint64(7)
-        np.left_shift(lo, _J, out=out[:, :, 0])
-        out[:, :, 0] ^= red
-        return self._t[: count * 64]
+    def close(self) -> None:
+        """Wipe and free the key schedules now; the cipher cannot be used afterwards."""
+        self._handle = None
+        self._finalizer()
 
-    def encrypt(self, sector: int, plain: bytes | bytearray | memoryview) -> bytes:
+    def encrypt(self, sector: int, plain: Buffer) -> bytes:
         """Ciphertext of whole sectors starting at `sector`."""
-        return self._apply(self._enc, sector, plain)
-
-    def decrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes:
-        return self._apply(self._dec, sector, data)
-
-    def decrypt_into(self, sector: int, data: bytes | bytearray | memoryview,
-                     out: memoryview) -> None:
-        """Decrypt `data` straight into `out` (same length; e.g. a view of guest RAM)."""
-        self._run(self._dec, sector, data, _words(out, len(data)))
-
-    def encrypt_into(self, sector: int, data: bytes | bytearray | memoryview,
-                     out: bytearray | memoryview) -> None:
-        self._run(self._enc, sector, data, _words(out, len(data)))
-
-    def _apply(self, ctx: CipherContext, sector: int,
-               data: bytes | bytearray | memoryview) -> bytes:
-        out = bytearray(len(data))
-        self._run(ctx, sector, data, _words(out, len(data)))
+        out = bytearray(len(plain))
+        self._run(True, sector, plain, out)
         return bytes(out)
 
-    def _run(self, ctx: CipherContext, sector: int, data: bytes | bytearray | memoryview,
-             out: U64Array) -> None:
-        n = len(data)
-        step = MAX_SECTORS * SECTOR_SIZE
-        src = np.frombuffer(data, dtype="<u8")
-        for pos in range(0, n, step):
-            m = min(step, n - pos)
-            t = self.tweaks(sector + pos // SECTOR_SIZE, m // SECTOR_SIZE)
-            x = self._x[: m // 8]
-            np.bitwise_xor(src[pos // 8 : (pos + m) // 8], t, out=x)
-            ctx.update_into(x.data.cast("B"), self._y)
-            y = np.frombuffer(self._y, dtype="<u8", count=m // 8)
-            np.bitwise_xor(y, t, out=out[pos // 8 : (pos + m) // 8])
+    def decrypt(self, sector: int, data: Buffer) -> bytes:
+        out = bytearray(len(data))
+        self._run(False, sector, data, out)
+        return bytes(out)
+
+    def decrypt_into(self, sector: int, data: Buffer, out: bytearray | memoryview) -> None:
+        """Decrypt `data` straight into `out` (same length; e.g. a view of guest RAM)."""
+        self._run(False, sector, data, out)
+
+    def encrypt_into(self, sector: int, data: Buffer, out: bytearray | memoryview) -> None:
+        self._run(True, sector, data, out)
+
+    def _run(self, encrypt: bool, sector: int, data: Buffer,
+             out: bytearray | memoryview) -> None:
+        n = _nbytes(data)
+        if n % SECTOR_SIZE or _nbytes(out) != n:
+            raise ValueError(f"{n} bytes (into {_nbytes(out)}) is not a whole number of "
+                             f"{SECTOR_SIZE}-byte sectors of the same length")
+        count = n // SECTOR_SIZE
+        if sector < 0 or (count and sector + count - 1 > U64_MAX):
+            raise ValueError(f"sectors {sector}..+{count} are not 64-bit sector numbers")
+        _check_output(out)
+        if self._handle is None:
+            raise ValueError("this SectorCipher is closed")
+        if n == 0:
+            return
+        # SAFETY: `src` and `dst` are exports of buffers whose lengths were checked above
+        # to be `n` bytes; holding them keeps those buffers from being freed or resized
+        # until the call returns. The C code reads [src, src + n) and writes
+        # [dst, dst + n) only, and checks the length and sector range again.
+        # (bytes are passed as they are: immutable, kept alive by `data`.)
+        src = _export(data, n)
+        dst = _CHAR.from_buffer(out)
+        rc = self._crypt(self._handle, encrypt, src if isinstance(src, bytes)
+                         else _addressof(src), _addressof(dst), n, sector)
+        if rc != 0:
+            raise RuntimeError(f"native AES-XTS failed ({rc}) on sectors {sector}..+{count}")
 
 
-def _words(out: bytearray | memoryview, n: int) -> U64Array:
-    """`out` as uint64 words, after checking that it and the input are whole sectors."""
-    if n % SECTOR_SIZE or len(out) != n:
-        raise ValueError(f"{n} bytes (into {len(out)}) is not a whole number of "
-                         f"{SECTOR_SIZE}-byte sectors of the same length")
-    return np.frombuffer(out, dtype="<u8")
+_CHAR = ctypes.c_char
+_addressof = ctypes.addressof
+
+
+def _check_output(out: object) -> None:
+    if not isinstance(out, bytearray) and (not isinstance(out, memoryview) or out.readonly
+                                           or not out.c_contiguous):
+        raise ValueError(f"the output must be a writable contiguous buffer, not "
+                         f"{type(out).__name__}")
+
+
+def _nbytes(buf: Buffer) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+def _export(data: Buffer, n: int) -> bytes | ctypes.c_char | ctypes.Array[ctypes.c_char]:
+    """`data` for the C call: bytes as they are, a writable buffer exported in place, a
+    read-only view copied once (each input byte is still read once, by that copy)."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, memoryview) and data.readonly:
+        return (_CHAR * n).from_buffer_copy(data)
+    return _CHAR.from_buffer(data)
