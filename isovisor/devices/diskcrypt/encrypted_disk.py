@@ -5,7 +5,8 @@ plaintext.
 `EncryptedDisk` is a `Disk` whose data paths go through a private buffer:
 
 - read: pread the ciphertext into the buffer, decrypt straight into the guest's buffer
-  (one guest buffer, the usual case) or decrypt and scatter (several);
+  (one guest buffer, the usual case: when the sectors are in the page cache, one native
+  call does both, xts.py `read_decrypt_cached`) or decrypt and scatter (several);
 - write: encrypt from the guest's buffers (each plaintext byte is read once, so a guest
   changing its buffer meanwhile only changes what it wrote) and pwrite the ciphertext;
 - WRITE_ZEROES: encrypted zeros are written (never a hole: a hole reads as zeros of
@@ -52,8 +53,10 @@ class EncryptedDisk(Disk):
     def read_into(self, views: list[memoryview], offset: int, total: int,
                   aligned: bool) -> None:
         buf = memoryview(self._cbuf)
-        if len(views) == 1 and total <= CHUNK:  # the usual case: one pread, one decrypt
+        if len(views) == 1 and total <= CHUNK:  # the usual case: one read, one decrypt
             chunk = buf[:total]
+            if self.cipher.read_decrypt_cached(self.fd, offset, chunk, views[0]):
+                return  # it was in the page cache: one native call did both
             _pread_full(self.fd, chunk, offset)
             self.cipher.decrypt_into(offset // SECTOR_SIZE, chunk, views[0])
             return

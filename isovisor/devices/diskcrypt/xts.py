@@ -27,6 +27,8 @@ from isovisor.devices.diskcrypt.xts_native_lib import XtsNativeError
 SECTOR_SIZE = 512
 KEY_BYTES = 64  # two AES-256 keys: K1 (data), K2 (tweak)
 U64_MAX = (1 << 64) - 1
+OFF_MAX = (1 << 63) - 1  # off_t
+_EAGAIN = -3  # isx_read_decrypt: not all in the page cache
 
 __all__ = ["KEY_BYTES", "SECTOR_SIZE", "SectorCipher", "XtsKeyError", "XtsNativeError",
            "check_key"]
@@ -57,6 +59,7 @@ class SectorCipher:
         if not handle:
             raise RuntimeError("libcrypto could not set up AES-256-ECB contexts")
         self._crypt = lib.isx_crypt
+        self._read = lib.isx_read_decrypt
         self._handle: int | None = handle
         # frees (and wipes) the key schedules when the cipher goes, if close() did not
         self._finalizer = weakref.finalize(self, lib.isx_free, handle)
@@ -83,6 +86,36 @@ class SectorCipher:
 
     def encrypt_into(self, sector: int, data: Buffer, out: bytearray | memoryview) -> None:
         self._run(True, sector, data, out)
+
+    def read_decrypt_cached(self, fd: int, offset: int, scratch: bytearray | memoryview,
+                            out: bytearray | memoryview) -> bool:
+        """Decrypt the sectors of `fd` at byte `offset` into `out` if they are all in the
+        page cache (one preadv2 with RWF_NOWAIT into `scratch`, the caller's private
+        buffer of the same length, then the decryption, in one native call); False,
+        with `out` untouched, if not (or if that read failed in any way): the caller
+        then reads the usual way and calls `decrypt_into`."""
+        n = _nbytes(out)
+        if (n % SECTOR_SIZE or offset % SECTOR_SIZE or offset < 0 or offset + n > OFF_MAX
+                or _nbytes(scratch) != n):
+            raise ValueError(f"{n} bytes at offset {offset} (through {_nbytes(scratch)}) "
+                             "are not whole sectors of a file")
+        _check_output(out)
+        _check_output(scratch)
+        if self._handle is None:
+            raise ValueError("this SectorCipher is closed")
+        if n == 0:
+            return True
+        # SAFETY: `tmp` and `dst` export buffers checked above to be `n` writable bytes
+        # each, and keep them from being freed or resized until the call returns; the C
+        # code reads the file into [tmp, tmp + n) and writes [dst, dst + n) only.
+        tmp = _CHAR.from_buffer(scratch)
+        dst = _CHAR.from_buffer(out)
+        rc = self._read(self._handle, fd, offset, _addressof(tmp), _addressof(dst), n)
+        if rc == _EAGAIN:
+            return False
+        if rc != 0:
+            raise RuntimeError(f"native AES-XTS failed ({rc}) at offset {offset}")
+        return True
 
     def _run(self, encrypt: bool, sector: int, data: Buffer,
              out: bytearray | memoryview) -> None:

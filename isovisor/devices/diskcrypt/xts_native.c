@@ -19,10 +19,12 @@
  * Not reentrant for one handle across threads (the OpenSSL contexts are shared); each
  * disk's I/O thread owns its handle.
  */
-#define _DEFAULT_SOURCE /* explicit_bzero */
+#define _GNU_SOURCE /* explicit_bzero, preadv2, RWF_NOWAIT */
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -32,7 +34,7 @@
 #define BLOCKS_PER_SECTOR (SECTOR / BLOCK)
 #define BATCH 16 /* sectors per pass: 8 KiB of data and 8 KiB of tweaks, in L1 */
 
-enum { ISX_OK = 0, ISX_EINVAL = -1, ISX_ECRYPTO = -2 };
+enum { ISX_OK = 0, ISX_EINVAL = -1, ISX_ECRYPTO = -2, ISX_EAGAIN = -3 };
 
 struct isx {
     EVP_CIPHER_CTX *tweak; /* AES-256-ECB encrypt, K2 */
@@ -160,6 +162,31 @@ int isx_crypt(struct isx *h, int encrypt, const unsigned char *in, unsigned char
     explicit_bzero(x, used * SECTOR);
     explicit_bzero(e, sizeof e);
     return rc;
+}
+
+/* The read path's fast case: reads `len` bytes (whole sectors) of ciphertext from `fd` at
+ * byte `offset` into `buf` (the caller's private buffer, `len` bytes) with one
+ * preadv2(RWF_NOWAIT), which never waits for the disk, and decrypts them into `out`.
+ * Returns ISX_OK; ISX_EAGAIN when the bytes were not all in the page cache, or the read
+ * failed or fell short in any way (`out` untouched: the caller then reads the usual way,
+ * off the GIL, and calls isx_crypt); ISX_EINVAL (bad arguments); ISX_ECRYPTO. */
+int isx_read_decrypt(struct isx *h, int fd, uint64_t offset, unsigned char *buf,
+                     unsigned char *out, size_t len) {
+    struct iovec iov;
+    ssize_t r;
+    if (!h || !buf || !out || fd < 0 || len % SECTOR || offset % SECTOR ||
+        len > (size_t)INT64_MAX || offset > (uint64_t)INT64_MAX - len)
+        return ISX_EINVAL; /* off_t is signed: offset + len must fit */
+    if (!len)
+        return ISX_OK;
+    iov.iov_base = buf;
+    iov.iov_len = len;
+    do
+        r = preadv2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
+    while (r < 0 && errno == EINTR);
+    if (r < 0 || (size_t)r != len)
+        return ISX_EAGAIN;
+    return isx_crypt(h, 0, buf, out, len, offset / SECTOR);
 }
 
 #if !defined(__x86_64__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__

@@ -3,8 +3,9 @@
 As a `PyDLL`: its calls keep the GIL. They only compute (a 4 KiB request takes ~2 us, the
 largest, 1 MiB, a few hundred); releasing the GIL for them, as a `CDLL` does, measured
 slower on this host: the device's I/O thread then often waits to get the GIL back from
-the vCPU thread (bench/RESULTS.md, blk-crypt). Reads from the image stay in Python
-(os.preadv), which releases the GIL while the disk is waited for.
+the vCPU thread (bench/RESULTS.md, blk-crypt). A read from the image is made here only
+with RWF_NOWAIT (`isx_read_decrypt`: page-cache hits, never a wait for the disk); any
+other read is Python's os.preadv, which releases the GIL while the disk is waited for.
 
 It is loaded when this module is imported, which in a VM worker is in the zygote before
 any jail or seccomp filter (isovisor/worker/preload.py imports every device module):
@@ -48,6 +49,9 @@ def _declare(lib: ctypes.PyDLL) -> ctypes.PyDLL:
     lib.isx_crypt.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64]
     lib.isx_crypt.restype = ctypes.c_int
+    lib.isx_read_decrypt.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.isx_read_decrypt.restype = ctypes.c_int
     return lib
 
 

@@ -90,7 +90,8 @@ def test_a_library_giving_wrong_ciphertext_is_refused_by_the_known_answer(
                    "return &h; }\nvoid isx_free(void *p) { (void)p; }\n"
                    "int isx_crypt(void *p, int e, const unsigned char *i, unsigned char *o, "
                    "size_t n, uint64_t s) { (void)p; (void)e; (void)s; "
-                   "for (size_t k = 0; k < n; k++) o[k] = i[k] ^ 1; return 0; }\n")
+                   "for (size_t k = 0; k < n; k++) o[k] = i[k] ^ 1; return 0; }\n"
+                   "int isx_read_decrypt(void) { return -3; }\n")
     lib = tmp_path / "libisovisor_xts.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True,
                    timeout=60)
@@ -144,3 +145,41 @@ def test_the_c_code_checks_lengths_and_sectors_itself() -> None:
         assert lib.isx_new(None) is None
     finally:
         lib.isx_free(h)
+
+
+def test_a_read_is_one_native_call_from_the_page_cache_and_falls_back_off_it(
+        tmp_path: Path) -> None:
+    key = os.urandom(64)
+    plain = os.urandom(64 * 512)
+    image = tmp_path / "enc.img"
+    image.write_bytes(SectorCipher(key).encrypt(0, plain))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        c = SectorCipher(key)
+        scratch, out = bytearray(8 * 512), bytearray(8 * 512)
+        os.pread(fd, len(plain), 0)  # in the page cache
+        assert c.read_decrypt_cached(fd, 16 * 512, scratch, out)
+        assert bytes(out) == plain[16 * 512 : 24 * 512]
+        with pytest.raises(ValueError, match="whole sectors"):
+            c.read_decrypt_cached(fd, 100, scratch, out)
+        with pytest.raises(ValueError, match="whole sectors"):
+            c.read_decrypt_cached(fd, 0, bytearray(512), out)
+        # past the end of the file: not the fast path (the caller's read reports it)
+        out[:] = b"\x77" * len(out)
+        assert not c.read_decrypt_cached(fd, 60 * 512, scratch, out)
+        assert out == b"\x77" * len(out)
+        # out of the page cache (RWF_NOWAIT refuses to wait): False, out untouched ...
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if not c.read_decrypt_cached(fd, 32 * 512, scratch, out):
+            assert out == b"\x77" * len(out)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        # ... and the disk's read still returns the plaintext either way
+        disk = EncryptedDisk.open(DiskSpec(image, key=key, readonly=True))
+        try:
+            dst = bytearray(8 * 512)
+            disk.read_into([memoryview(dst)], 40 * 512, len(dst), False)
+            assert bytes(dst) == plain[40 * 512 : 48 * 512]
+        finally:
+            disk.close()
+    finally:
+        os.close(fd)
