@@ -117,9 +117,20 @@ def run(args: argparse.Namespace) -> str:
             floor.log.append(REQUEST_KIND, request_data(record),  # type: ignore[arg-type]
                              durable=False)
 
+        hook_times: dict[tuple[str, str], list[float]] = {}
+
+        def timed(config: str, observer: Observer) -> Observer:
+            """The observer, timed server side (what the hook itself costs a request)."""
+            def hook(record: object) -> None:
+                t0 = time.perf_counter()
+                observer(record)
+                op = "read" if getattr(record, "method", "") == "GET" else "write"
+                hook_times.setdefault((config, op), []).append(time.perf_counter() - t0)
+            return hook
+
         observers: dict[str, Observer | None] = {
-            "off": None, "strict": strict.record_request, "lazy-reads": lazy.record_request,
-            "lazy-all": lazy_all}
+            "off": None, "strict": timed("strict", strict.record_request),
+            "lazy-reads": lazy.record_request, "lazy-all": timed("lazy-all", lazy_all)}
         # The pipeline's audit guard, as isovisord wires it (refusal when the log has
         # failed; the api.intent line of a mutating request).
         guards: dict[str, Observer | None] = {
@@ -166,7 +177,7 @@ def run(args: argparse.Namespace) -> str:
             strict.close()
             lazy.close()
             floor.close()
-    return _report(args, lat, burst, vms, load)
+    return _report(args, lat, burst, vms, load, hook_times)
 
 
 KERNEL = REPO / "guests" / "build" / "echo.elf"  # `make guests`; prints a line and waits
@@ -235,7 +246,8 @@ def _commit() -> str:
 
 def _report(args: argparse.Namespace, lat: dict[tuple[str, str], list[float]],
             burst: dict[str, float], vms: dict[str, list[float]] | None,
-            load: tuple[float, float, float]) -> str:
+            load: tuple[float, float, float],
+            hook_times: dict[tuple[str, str], list[float]]) -> str:
     rows = []
     verdicts = []
     for op, what in (("read", "GET /v1/host"), ("write", "POST /v1/tenants")):
@@ -267,6 +279,10 @@ def _report(args: argparse.Namespace, lat: dict[tuple[str, str], list[float]],
         verdicts.append("- VM create-to-running: not measured (needs `make guests` and KVM, "
                         "or --vm-runs 0 was given)")
     fsync = _fsync_cost()
+    append_us = _append_cost() * 1e6
+
+    def hook(config: str, op: str) -> str:
+        return f"{statistics.median(hook_times[(config, op)]) * 1e3:.2f}"
     methods = _durability_methods()
     floor_read = statistics.median(lat[("lazy-all", "read")])
     floor_write = statistics.median(lat[("lazy-all", "write")])
@@ -289,12 +305,19 @@ def _report(args: argparse.Namespace, lat: dict[tuple[str, str], list[float]],
         f"- One write + fsync of a 300-byte line on this disk: {fsync * 1e3:.2f} ms (median "
         "of 50); a strict request cannot cost less than that.",
         f"- Where strict's time goes (p50): writing the record without waiting for it "
-        f"(`lazy-all`, the thread hop, encoding, the write) adds "
+        f"(`lazy-all`: building, encoding and writing it, and for a POST its `api.intent` "
+        f"line too) adds "
         f"{(floor_read - statistics.median(lat[('off', 'read')])) * 1e3:+.2f} ms to a GET and "
         f"{(floor_write - statistics.median(lat[('off', 'write')])) * 1e3:+.2f} ms to a POST; "
         f"waiting for the fsync adds "
         f"{(statistics.median(lat[('strict', 'read')]) - floor_read) * 1e3:+.2f} ms and "
         f"{(statistics.median(lat[('strict', 'write')]) - floor_write) * 1e3:+.2f} ms more.",
+        f"- The audit hook itself, timed in the server (p50): strict {hook('strict', 'read')} "
+        f"ms for a GET and {hook('strict', 'write')} ms for a POST (the record and its "
+        f"fsync); lazy-all {hook('lazy-all', 'read')} and {hook('lazy-all', 'write')} ms (the "
+        f"record written, not fsynced). One non-durable append of a request record in a "
+        f"tight loop: {append_us:.0f} us; on a request's path it runs with cold caches and "
+        "costs several times that.",
         "",
         "How the record could be made durable, interleaved on the log's file system "
         f"({_filesystem()}; 200 each, 3 ms apart like requests; device flushes per "
@@ -310,13 +333,17 @@ def _report(args: argparse.Namespace, lat: dict[tuple[str, str], list[float]],
         "flush is the cost: preallocated, pre-zeroed blocks (fdatasync with no metadata to "
         "commit) or O_DSYNC do not make it cheaper. The flush also waits for everything "
         "else written to the disk by then, so its time varies with the host's other I/O. "
-        "What changed: the API pipeline runs the audit hook on the event loop when its "
+        "Changes so far: the API pipeline runs the audit hook on the event loop when its "
         "request is the only one in flight (a thread hop cost ~0.5 ms p50 here; with "
-        "concurrent requests it still runs in a worker thread, so they share fsyncs), and "
-        "the log no longer fsyncs a non-durable record (an `api.intent`, a transition) in "
+        "concurrent requests it still runs in a worker thread, so they share fsyncs); the "
+        "log no longer fsyncs a non-durable record (an `api.intent`, a transition) in "
         "the background while the request it belongs to is still running (that "
-        "request's own fsync used to queue behind it). Strict still waits for one fsync "
-        "per request, which is the guarantee.",
+        "request's own fsync used to queue behind it); an append does less (the line is "
+        "assembled around the encoded data with one reused C JSON encoder, CPython's "
+        "SHA-256 for a short line, the timestamp's date formatted once a second, no "
+        "Entry object and no dup + close of the fd per fsync). Strict still waits for one "
+        "fsync per request, which is the guarantee; overlapping that fsync with the "
+        "answer's encoding was measured and does not pay here (docs/AUDIT.md, Cost).",
         "",
         f"Concurrent burst ({args.clients} clients, GET and POST alternating, "
         f"{args.burst_seconds:.0f} s each): "
@@ -417,6 +444,26 @@ def _durability_methods(runs: int = 200) -> dict[str, tuple[float, float, str]]:
     known = _flushes() is not None
     return {m: (statistics.median(t), percentile(t, 0.9),
                 f"{flushes[m] / runs:.2f}" if known else "?") for m, t in times.items()}
+
+
+def _append_cost(runs: int = 2000) -> float:
+    """Median time of one non-durable append of an API request record, in a tight loop."""
+    data = {"request_id": "0" * 32, "time": "2026-01-01T00:00:00.000+00:00",
+            "client": "127.0.0.1:40000", "principal": "bench-admin",
+            "certificate_serial": "1f" * 8, "method": "GET", "path": "/v1/host",
+            "action": "host/read", "scope": "/", "decision": "allow", "status": 200,
+            "outcome": "success", "error_code": None}
+    with tempfile.TemporaryDirectory(prefix="isovisor-bench-append-") as tmp:
+        audit = HostAudit(Path(tmp))
+        try:
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                audit.log.append(REQUEST_KIND, data, durable=False)
+                times.append(time.perf_counter() - t0)
+        finally:
+            audit.close()
+    return statistics.median(times)
 
 
 def _fsync_cost() -> float:
