@@ -21,6 +21,7 @@ O_DIRECT is refused with a key (the bounce buffer here is not aligned for it). T
 
 from __future__ import annotations
 
+import mmap
 import os
 
 from isovisor.devices.diskcrypt.xts import (
@@ -48,7 +49,10 @@ class EncryptedDisk(Disk):
             self.cipher = SectorCipher(spec.key)
         except (XtsKeyError, XtsNativeError) as exc:
             raise DiskError(f"disk {spec.path}: {exc}") from None
-        self._cbuf = bytearray(CHUNK)
+        # Page-aligned (an anonymous mapping, not a bytearray, whose data starts 16 bytes
+        # into a page): the kernel's copy from the page cache into a buffer misaligned
+        # against its source pages measured ~4x slower on this host (AMD, rep movsb).
+        self._cbuf = mmap.mmap(-1, CHUNK)
 
     def read_into(self, views: list[memoryview], offset: int, total: int,
                   aligned: bool) -> None:
@@ -104,7 +108,9 @@ class EncryptedDisk(Disk):
 
     def close(self) -> None:
         super().close()
-        self._cbuf[:] = bytes(len(self._cbuf))  # the last plaintext-adjacent buffer
+        if not self._cbuf.closed:
+            self._cbuf[:] = bytes(len(self._cbuf))  # the last plaintext-adjacent buffer
+            self._cbuf.close()
         self.cipher.close()  # wipes the AES key schedules (EVP_CIPHER_CTX_free)
 
 
