@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tests.security.mutation.mutants import BY_NAME  # noqa: E402
 
 KILLED, SURVIVED, BASELINE_BROKEN, STALE = 10, 11, 12, 13
 MEMORY_LIMIT = 3 << 30  # a weakened loop check must not take the host down with it
+INPUT_SECONDS = 5.0  # one fuzz input takes milliseconds; a runaway loop is a kill
 
 
 def _replay(harness: str, runs: int) -> str | None:
@@ -37,12 +39,24 @@ def _replay(harness: str, runs: int) -> str | None:
     seeds = [p.read_bytes() for p in corpus_files(harness)] or [b""]
     rng = random.Random(0)
     inputs = seeds + [mutate(rng, rng.choice(seeds), seeds) for _ in range(runs)]
+    signal.signal(signal.SIGALRM, _input_timed_out)
     for i, data in enumerate(inputs):
+        signal.setitimer(signal.ITIMER_REAL, INPUT_SECONDS)
         try:
             module.one_input(data)
         except Exception as exc:
             return f"input {i}: {type(exc).__name__}: {exc}"[:500]
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
     return None
+
+
+class InputTimeoutError(Exception):
+    """One input ran past INPUT_SECONDS: a weakened loop bound running away."""
+
+
+def _input_timed_out(signum: int, frame: object) -> None:
+    raise InputTimeoutError(f"ran longer than {INPUT_SECONDS} s (a loop bound no longer holds?)")
 
 
 def main(argv: list[str]) -> int:
@@ -89,4 +103,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        status = main(sys.argv[1:])
+    except MemoryError:  # the address-space limit stopped a runaway allocation
+        os._exit(KILLED)
+    sys.exit(status)
