@@ -27,6 +27,7 @@ help:
 	@echo "make test        install what is missing, run the test suite"
 	@echo "make test-slow   stock Linux boots under this host's emulation (minutes)"
 	@echo "make lint        ruff + mypy (strict on kvm, memory, devices, security)"
+	@echo "make native      build the encrypted disks' AES-XTS library (part of setup)"
 	@echo "make bench       exit-rate benchmark against QEMU, writes bench/RESULTS.md"
 	@echo "make guest-linux fetch and cache Debian's cloud kernel (apt-get download) and build its virtio-module initramfs"
 	@echo "make fuzz        run every fuzz harness for FUZZ_SECONDS each (default 30; FUZZ_HARNESSES=...)"

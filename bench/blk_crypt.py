@@ -33,16 +33,31 @@ TARGET = 0.75  # encrypted / plain
 
 NOTES = [
     "The XTS is native since 2026-11-26 (`isovisor/devices/diskcrypt/xts_native.c`, "
-    "built by `make native`, one ctypes call per request with the GIL released): "
-    "batches of 16 sectors, one OpenSSL AES-256-ECB call (AES-NI) for the batch's "
-    "tweaks E_K2(sector), the GF(2^128) doubling in 64-bit words, one AES-256-ECB call "
-    "for the data between two XOR passes; intermediates stay in the function's stack and "
-    "are wiped. Measured alone on this host (1 of 2 shared cores): ~20-40 us of CPU per "
-    "64 KiB and ~3-6 us per 4 KiB, of which ~1.5-3 us is the ctypes call and buffer "
-    "exports. Before it (numpy tweaks, the same three-step scheme in Python), the "
-    "encrypted path ran at 0.19x (seq) and 0.16x (rand) of plain; a per-sector OpenSSL "
-    "XTS call, even from C, costs ~0.45 us per 512 bytes (the IV reset), 58 us per "
-    "64 KiB.",
+    "`make native`; before it, numpy tweaks in Python: 0.19x seq, 0.16x rand). Per batch "
+    "of 16 sectors: one OpenSSL AES-256-ECB call (AES-NI) for the tweaks E_K2(sector), "
+    "the GF(2^128) doubling in 64-bit words, one AES-256-ECB call for the data between "
+    "two XOR passes. Alone, in one thread: ~26 us of CPU per 64 KiB and ~1.8 us per "
+    "4 KiB (AES-256-ECB by itself, `openssl speed`: ~6 GB/s, ~11 us per 64 KiB). A "
+    "page-cache read is one ctypes call (preadv2 RWF_NOWAIT, then decrypt).",
+    "What moved the numbers, each measured with this benchmark: the native code "
+    "(0.19x/0.16x -> 0.25x/0.57x); keeping the GIL through the native call (ctypes "
+    "PyDLL) and doing a page-cache read in the same call (`--no-jail`: encrypted seq "
+    "540-595 -> 740-790 MB/s, rand 16-23 k -> 27-33 k IOPS; a CDLL's GIL release and "
+    "re-acquire cost more than the 2-26 us of work); and the "
+    "ciphertext buffer page-aligned (an anonymous mapping instead of a bytearray, whose "
+    "data starts 16 bytes into a page): perf showed the kernel's copy from the page "
+    "cache into the misaligned buffer 4.6x slower than the same copy into guest memory "
+    "(3706 vs 796 samples; AMD, rep movsb), 0.28x -> 0.36x seq. A per-sector OpenSSL "
+    "XTS call, even from C, costs ~0.45 us per 512 bytes (the IV reset): 58 us per 64 KiB.",
+    "Where it stands (perf, `--no-jail`, 400 rounds): rand costs ~6% more CPU samples "
+    "than plain (7475 vs 7033; the XTS itself ~3%), so the rand gap in the table is "
+    "mostly run-to-run scheduling noise on 2 shared cores (see min/max). Seq cannot meet "
+    "the target on this host: plain serves 64 KiB in ~30 us (page-cache copy), and "
+    "AES-256 alone needs ~11 us of it; with the XOR passes, tweaks and stores into guest "
+    "memory (isx_crypt's hottest instruction is the store of the result, cold guest "
+    "lines) the encrypted request costs ~2.5x plain's CPU. Meeting 0.75x on seq would "
+    "need the decryption spread over more cores than the one I/O thread, or VAES "
+    "(OpenSSL 3.0 uses 128-bit AES-NI only).",
 ]
 
 
