@@ -17,7 +17,9 @@
  * stay in this function's stack buffers, which are wiped before it returns, so a guest
  * whose memory is `in` or `out` sees neither. `in` and `out` may be the same buffer.
  * Not reentrant for one handle across threads (the OpenSSL contexts are shared); each
- * disk's I/O thread owns its handle.
+ * disk's I/O thread owns its handle, and the calls come through a ctypes PyDLL, under
+ * the GIL. isx_read_decrypt adds the read path's page-cache case (one preadv2 with
+ * RWF_NOWAIT, then isx_crypt) so that it is one call too.
  */
 #define _GNU_SOURCE /* explicit_bzero, preadv2, RWF_NOWAIT */
 #include <errno.h>

@@ -14,7 +14,9 @@ openssl.cnf) all happen there. A known-answer check against `cryptography`'s XTS
 the library once, so a wrong or stale build is refused before it touches a disk and the
 EVP method lookups are done before the filter is in place; afterwards a worker only calls
 EVP_CIPHER_CTX_new/CipherInit/CipherUpdate/free, which need no system call beyond
-memory allocation.
+memory allocation, and preadv2 (allowed: the worker's BLOCK_IO set). The jailed test
+(tests/devices/diskcrypt/test_encrypted_disk_jailed.py) runs both directions under the
+worker's seccomp filter.
 
 A missing or broken library does not fail the import (plain disks do not need it);
 `library()` raises XtsNativeError naming `make native` when an encrypted disk asks.
