@@ -1,4 +1,6 @@
-"""The batched AES-XTS-256 against two references, byte for byte: `cryptography`'s XTS
+"""The AES-XTS-256 of `SectorCipher` (the native library, xts_native.c: see
+test_xts_native.py for the proof that it is the one doing the work) against two
+references, byte for byte: `cryptography`'s XTS
 mode (OpenSSL) sector by sector with the plain64 tweak (dm-crypt's aes-xts-plain64: the
 sector number, 128-bit little-endian), and a textbook IEEE 1619 implementation written
 here from the standard (AES on single blocks, the tweak doubled in GF(2^128) with Python
