@@ -88,7 +88,7 @@ demo: setup
 	$(PY) -m isovisor.host.demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow --timeout 1800
