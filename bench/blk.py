@@ -24,12 +24,9 @@ virtio-blk-device,drive=d0 -drive id=d0,file=IMG,format=raw,if=none` and
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import selectors
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,14 +36,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_comparison import (
+    REPO,
+    BenchError,
+    build_guest,
+    check_tools,
+    host_facts,
+    isovisor_python,
+    positive,
+    time_at,
+)
 from results_block import write_block
 
-REPO = Path(__file__).resolve().parents[1]
 GUEST_DIR = REPO / "tests" / "devices" / "virtio" / "guests"
 GUEST_ASM = GUEST_DIR / "blk_bench.asm"
 GUEST_LD = GUEST_DIR / "blk_bench.ld"
-BUILD_DIR = REPO / "cache" / "bench"  # git-ignored
-GUEST_ELF = BUILD_DIR / "blk_bench.elf"
 RESULTS = REPO / "bench" / "RESULTS.md"
 BEGIN_MARK = "<!-- blk:begin -->"
 END_MARK = "<!-- blk:end -->"
@@ -62,10 +66,6 @@ MODES = {"seq": ("MB/s", 65536), "rand": ("IOPS", 4096)}
 START_LINE = b"blkbench: start"
 DONE_PREFIX = b"blkbench: done status="
 ERROR_PREFIX = b"blkbench: error"
-
-
-class BenchError(Exception):
-    """Something the user must fix; printed without a trace."""
 
 
 @dataclass(frozen=True)
@@ -88,39 +88,6 @@ class Run:
 
 
 # --- set-up --------------------------------------------------------------------------
-
-
-def isovisor_python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
-def check_tools(qemu: str) -> None:
-    missing = [t for t in ("nasm", "ld") if shutil.which(t) is None]
-    if missing:
-        raise BenchError(f"{' and '.join(missing)} not found (`make system-deps` installs them)")
-    if shutil.which(qemu) is None:
-        raise BenchError(f"{qemu} not found: install qemu-system-x86 or pass --qemu PATH")
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        raise BenchError("/dev/kvm is missing or not readable and writable by this user")
-
-
-def build_guest() -> Path:
-    sources = (GUEST_ASM, GUEST_LD)
-    if GUEST_ELF.exists() and all(GUEST_ELF.stat().st_mtime >= s.stat().st_mtime for s in sources):
-        return GUEST_ELF
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    obj = BUILD_DIR / "blk_bench.o"
-    for cmd in (
-        ["nasm", "-f", "elf32", "-o", str(obj), str(GUEST_ASM)],
-        ["ld", "-m", "elf_i386", "-T", str(GUEST_LD), "-o", str(GUEST_ELF), str(obj)],
-    ):
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            GUEST_ELF.unlink(missing_ok=True)
-            raise BenchError(f"building the guest failed: {' '.join(cmd)}\n{res.stderr}")
-    obj.unlink(missing_ok=True)
-    return GUEST_ELF
 
 
 def make_image(path: Path) -> Path:
@@ -191,13 +158,6 @@ def timed_output(cmd: list[str], timeout: float) -> tuple[bytes, list[tuple[int,
         return bytes(out), chunks, rc, err.read().decode(errors="replace").strip()
 
 
-def _time_at(chunks: list[tuple[int, float]], offset: int) -> float:
-    for end, t in chunks:
-        if offset < end:
-            return t
-    raise ValueError(offset)
-
-
 def loop_seconds(out: bytes, chunks: list[tuple[int, float]]) -> float | None:
     """From the arrival of the start line's end to that of the done line's first byte."""
     s = out.find(START_LINE)
@@ -205,7 +165,7 @@ def loop_seconds(out: bytes, chunks: list[tuple[int, float]]) -> float | None:
     d = out.find(DONE_PREFIX, s) if s >= 0 else -1
     if nl < 0 or d < 0:
         return None
-    return _time_at(chunks, d) - _time_at(chunks, nl)
+    return time_at(chunks, d) - time_at(chunks, nl)
 
 
 def measure(vmm: str, mode: str, rounds: int, elf: Path, image: Path, timeout: float,
@@ -234,39 +194,6 @@ def measure(vmm: str, mode: str, rounds: int, elf: Path, image: Path, timeout: f
 
 
 # --- reporting -----------------------------------------------------------------------
-
-
-def host_facts(qemu: str) -> dict[str, str]:
-    cpu, flags = "unknown", set[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu == "unknown":
-                cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    if "vmx" in flags or "svm" in flags:
-        kind = "hardware virtualization"
-    elif Path("/sys/module/kvm_pvm").exists():
-        kind = "PVM (kvm_pvm; guest kernel mode is emulated by KVM)"
-    else:
-        kind = "unknown"
-    version = subprocess.run([qemu, "--version"], capture_output=True, text=True,
-                             check=False).stdout.splitlines()[:1]
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, check=False).stdout.strip()
-    return {
-        "Date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "Kernel": platform.release(),
-        "CPU": f"{cpu}, {os.cpu_count()} logical CPUs",
-        "KVM": kind,
-        "QEMU": version[0].strip() if version else "unknown",
-        "Python": platform.python_version(),
-        "isovisor commit": commit or "unknown",
-        "Load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
 
 
 def summarize(runs: Sequence[Run]) -> tuple[float, float, float]:
@@ -374,22 +301,12 @@ def write_results(block: str, path: Path = RESULTS) -> None:
 # --- main ----------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return v
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="virtio-blk MB/s and IOPS, isovisor vs QEMU.")
-    p.add_argument("--runs", type=_positive, default=5, help="runs per VMM and mode (5)")
-    p.add_argument("--seq-rounds", type=_positive, default=600,
+    p.add_argument("--runs", type=positive, default=5, help="runs per VMM and mode (5)")
+    p.add_argument("--seq-rounds", type=positive, default=600,
                    help="rounds of 64 x 64 KiB reads per seq run (600 = 2.4 GiB)")
-    p.add_argument("--rand-rounds", type=_positive, default=600,
+    p.add_argument("--rand-rounds", type=positive, default=600,
                    help="rounds of 64 x 4 KiB reads per rand run (600 = 38400 reads)")
     p.add_argument("--mode", choices=["seq", "rand", "both"], default="both")
     p.add_argument("--wait", choices=["hlt", "poll"], default="hlt",
@@ -405,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     JAIL = JAIL and not args.no_jail
     try:
         check_tools(args.qemu)
-        elf = build_guest()
+        elf = build_guest(GUEST_ASM, GUEST_LD)
         facts = host_facts(args.qemu)
         modes = list(MODES) if args.mode == "both" else [args.mode]
         results: dict[tuple[str, str], list[Run]] = {}

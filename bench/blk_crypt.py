@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import blk
+from qemu_comparison import BenchError, build_guest, check_tools, host_facts, positive
 from results_block import write_block
 
 from isovisor.devices.diskcrypt.xts import SectorCipher
@@ -83,7 +84,7 @@ def measure(vmm: str, mode: str, rounds: int, elf: Path, image: Path, enc: Path,
     out, chunks, rc, stderr = blk.timed_output(cmd, args.timeout + 10)
     seconds = blk.loop_seconds(out, chunks)
     if seconds is None or blk.DONE_PREFIX + b"ok" not in out or rc != 0:
-        raise blk.BenchError(f"{vmm} ({mode}): failed\ncommand: {shlex.join(cmd)}\n"
+        raise BenchError(f"{vmm} ({mode}): failed\ncommand: {shlex.join(cmd)}\n"
                              f"exit status {rc}\nstdout:\n{out.decode(errors='replace')}\n"
                              f"stderr:\n{stderr}")
     return blk.Run(vmm, mode, rounds, seconds)
@@ -132,9 +133,9 @@ def markdown(results: dict[tuple[str, str], list[blk.Run]], facts: dict[str, str
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="virtio-blk: encrypted vs plain vs QEMU.")
-    p.add_argument("--runs", type=blk._positive, default=3)
-    p.add_argument("--seq-rounds", type=blk._positive, default=300)
-    p.add_argument("--rand-rounds", type=blk._positive, default=300)
+    p.add_argument("--runs", type=positive, default=3)
+    p.add_argument("--seq-rounds", type=positive, default=300)
+    p.add_argument("--rand-rounds", type=positive, default=300)
     p.add_argument("--mode", choices=["seq", "rand", "both"], default="both")
     p.add_argument("--qemu", default=blk.QEMU)
     p.add_argument("--timeout", type=float, default=180.0)
@@ -144,9 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     blk.JAIL = blk.JAIL and not args.no_jail
     try:
-        blk.check_tools(args.qemu)
-        elf = blk.build_guest()
-        facts = blk.host_facts(args.qemu)
+        check_tools(args.qemu)
+        elf = build_guest(blk.GUEST_ASM, blk.GUEST_LD)
+        facts = host_facts(args.qemu)
         modes = list(blk.MODES) if args.mode == "both" else [args.mode]
         results: dict[tuple[str, str], list[blk.Run]] = {}
         with tempfile.TemporaryDirectory(prefix="isovisor-blkcrypt-") as tmp:
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         results.setdefault((vmm, mode), []).append(run)
                         print(f"run {i + 1}: {vmm:12} {mode:4} {run.seconds:7.3f} s "
                               f"{run.value:12,.1f} {blk.MODES[mode][0]}", flush=True)
-    except blk.BenchError as exc:
+    except BenchError as exc:
         print(f"bench/blk_crypt.py: {exc}", file=sys.stderr)
         return 1
     text = markdown(results, facts, args)

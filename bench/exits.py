@@ -16,12 +16,9 @@ min and max exits/second of each go into a table and into bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import selectors
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,14 +28,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_comparison import (
+    REPO,
+    BenchError,
+    build_guest,
+    check_tools,
+    host_facts,
+    isovisor_python,
+    positive,
+    time_at,
+)
 from results_block import write_block
 
-REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 GUEST_ASM = BENCH / "guests" / "exitloop.asm"
 GUEST_LD = BENCH / "guests" / "exitloop.ld"
-BUILD_DIR = REPO / "cache" / "bench"  # /cache/ is git-ignored
-GUEST_ELF = BUILD_DIR / "exitloop.elf"
 RESULTS = BENCH / "RESULTS.md"
 BEGIN_MARK = "<!-- exits:begin -->"
 END_MARK = "<!-- exits:end -->"
@@ -52,10 +56,6 @@ VMMS = ("isovisor", "qemu")
 START_LINE = b"exitloop: start"
 DONE_PREFIX = b"exitloop: done"
 ERROR_PREFIX = b"exitloop: error"
-
-
-class BenchError(Exception):
-    """Something the user must fix (missing tool, failing VMM); printed without a trace."""
 
 
 @dataclass(frozen=True)
@@ -88,58 +88,6 @@ class Summary:
 # --- set-up --------------------------------------------------------------------------
 
 
-def isovisor_python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
-def check_tools(qemu: str) -> None:
-    missing = [t for t in ("nasm", "ld") if shutil.which(t) is None]
-    if missing:
-        raise BenchError(
-            f"{' and '.join(missing)} not found: install nasm and binutils "
-            "(`make system-deps` does)"
-        )
-    if shutil.which(qemu) is None:
-        raise BenchError(
-            f"{qemu} not found: QEMU is the peer this benchmark measures against; install "
-            "Debian's qemu-system-x86 (`make system-deps`) or pass --qemu PATH"
-        )
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        raise BenchError("/dev/kvm is missing or not readable and writable by this user")
-    probe = subprocess.run(
-        [isovisor_python(), "-c", "import isovisor.cli.main"],
-        capture_output=True, text=True, cwd=REPO, check=False,
-    )
-    if probe.returncode != 0:
-        raise BenchError(
-            f"cannot import isovisor with {isovisor_python()} (run `make setup`):\n"
-            + probe.stderr.strip()
-        )
-
-
-def build_guest() -> Path:
-    """Assemble and link the guest unless the ELF is newer than its sources."""
-    sources = (GUEST_ASM, GUEST_LD)
-    if GUEST_ELF.exists() and all(
-        GUEST_ELF.stat().st_mtime >= s.stat().st_mtime for s in sources
-    ):
-        return GUEST_ELF
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    obj = BUILD_DIR / "exitloop.o"
-    for cmd in (
-        ["nasm", "-f", "elf32", "-o", str(obj), str(GUEST_ASM)],
-        ["ld", "-m", "elf_i386", "-T", str(GUEST_LD), "-o", str(GUEST_ELF), str(obj)],
-    ):
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            GUEST_ELF.unlink(missing_ok=True)
-            raise BenchError(f"building the guest failed: {' '.join(cmd)}\n{res.stderr}")
-    obj.unlink(missing_ok=True)
-    print(f"built {GUEST_ELF.relative_to(REPO)}", flush=True)
-    return GUEST_ELF
-
-
 def vmm_command(vmm: str, elf: Path, cmdline: str, timeout: float, qemu: str) -> list[str]:
     if vmm == "isovisor":
         return [
@@ -155,14 +103,6 @@ def vmm_command(vmm: str, elf: Path, cmdline: str, timeout: float, qemu: str) ->
 
 
 # --- one run -------------------------------------------------------------------------
-
-
-def _time_at(chunks: list[tuple[int, float]], offset: int) -> float:
-    """When the byte at `offset` of the stream arrived (chunks: (end offset, time))."""
-    for end, t in chunks:
-        if offset < end:
-            return t
-    raise ValueError(offset)
 
 
 def measure(
@@ -224,7 +164,7 @@ def measure(
         raise fail("the VMM exited with a nonzero status after the guest reset")
     # From the arrival of the start line's end to the arrival of the done line's first byte:
     # the loop, plus the handful of interpreted instructions and the one LSR poll between.
-    seconds = _time_at(chunks, d) - _time_at(chunks, start_nl)
+    seconds = time_at(chunks, d) - time_at(chunks, start_nl)
     if seconds <= 0:
         raise fail(
             "start and done lines arrived in the same read (loop too short to time; "
@@ -240,50 +180,6 @@ def summarize(runs: Sequence[Run]) -> Summary:
     rates = [r.rate for r in runs]
     return Summary(runs[0].vmm, runs[0].mode, statistics.median(rates), min(rates), max(rates),
                    len(rates))
-
-
-def host_facts(qemu: str) -> dict[str, str]:
-    cpu = "unknown"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu == "unknown":
-                cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    if "vmx" in flags or "svm" in flags:
-        kind = "hardware virtualization (" + ("VMX" if "vmx" in flags else "SVM") + ")"
-    elif Path("/sys/module/kvm_pvm").exists():
-        kind = "PVM (kvm_pvm; no VMX/SVM: guest kernel mode is emulated by KVM)"
-    else:
-        kind = "unknown (no VMX/SVM flag, no kvm_pvm module)"
-    try:
-        version = subprocess.run(
-            [qemu, "--version"], capture_output=True, text=True, check=False
-        ).stdout.splitlines()[0].strip()
-    except (OSError, IndexError):
-        version = "unknown"
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=False,
-        ).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return {
-        "Date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "Kernel": platform.release(),
-        "CPU": f"{cpu}, {os.cpu_count()} logical CPUs",
-        "KVM": kind,
-        "QEMU": version,
-        "Python": platform.python_version(),
-        "isovisor commit": commit,
-        "Load average at start": load,
-    }
 
 
 def ratio(summaries: dict[tuple[str, str], Summary], mode: str) -> float | None:
@@ -369,22 +265,12 @@ def write_results(block: str, path: Path = RESULTS) -> None:
 # --- main ----------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return v
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Port-I/O and MMIO exit round trips per second, isovisor vs QEMU."
     )
-    p.add_argument("--n", type=_positive, default=20000, help="reads per run (default 20000)")
-    p.add_argument("--runs", type=_positive, default=5,
+    p.add_argument("--n", type=positive, default=20000, help="reads per run (default 20000)")
+    p.add_argument("--runs", type=positive, default=5,
                    help="runs per VMM and mode (default 5)")
     p.add_argument("--mode", choices=["pio", "mmio", "both"], default="both",
                    help="which exit to measure (default both)")
@@ -400,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = list(MODES) if args.mode == "both" else [args.mode]
     try:
         check_tools(args.qemu)
-        elf = build_guest()
+        elf = build_guest(GUEST_ASM, GUEST_LD)
         facts = host_facts(args.qemu)
         print(f"host: {facts['KVM']}; {facts['CPU']}; kernel {facts['Kernel']}; "
               f"load {facts['Load average at start']}", flush=True)

@@ -1,7 +1,8 @@
 ; exitloop.asm - a PVH guest that measures a VMM's exit round trip (bench/exits.py).
 ;
-; Self-contained (no includes): assemble with `nasm -f elf32`, link with
-; `ld -m elf_i386 -T bench/guests/exitloop.ld` (loaded at 1 MiB, PVH note in a PT_NOTE).
+; Assemble with `nasm -f elf32 -I guests/include/` (cmdline_tokens.inc, serial_out.inc),
+; link with `ld -m elf_i386 -T bench/guests/exitloop.ld` (loaded at 1 MiB, PVH note in a
+; PT_NOTE).
 ;
 ; Command line (hvm_start_info.cmdline_paddr), space-separated tokens, all optional:
 ;   mode=pio|mmio   pio: `in al, dx` from an unclaimed port; mmio: a 4-byte read from an
@@ -40,10 +41,6 @@ HVM_START_MAGIC          equ 0x336ec578
 SI_MAGIC                 equ 0
 SI_CMDLINE_PADDR         equ 24
 
-COM1        equ 0x3F8
-UART_LSR    equ 5
-LSR_THRE    equ 0x20
-TX_POLLS    equ 1000
 
 DEFAULT_N    equ 20000
 DEFAULT_PORT equ 0x0700
@@ -182,28 +179,28 @@ pvh_entry:
 
     ; exitloop: mode=pio n=20000 target=0x00000700
     mov esi, msg_prefix
-    call puts
+    call serial_puts
     mov esi, msg_mode
-    call puts
+    call serial_puts
     mov esi, val_pio
     cmp dword [mode], MODE_PIO
     je .say_mode
     mov esi, val_mmio
 .say_mode:
-    call puts
+    call serial_puts
     mov esi, msg_n
-    call puts
+    call serial_puts
     mov eax, [count]
-    call put_dec
+    call serial_put_dec
     mov esi, msg_target
-    call puts
+    call serial_puts
     mov eax, [port]
     cmp dword [mode], MODE_PIO
     je .say_target
     mov eax, [addr]
 .say_target:
-    call put_hex32
-    call newline
+    call serial_put_hex32
+    call serial_newline
 
     ; Load the loop's registers before the start line so that nothing but the loop and
     ; the done line lies between the two timestamps the host takes.
@@ -212,10 +209,10 @@ pvh_entry:
     mov ebx, [addr]
     xor eax, eax
     mov esi, msg_prefix
-    call puts
+    call serial_puts
     mov esi, msg_start
-    call puts
-    call newline                    ; the host starts its clock on this line
+    call serial_puts
+    call serial_newline                    ; the host starts its clock on this line
 
     test ecx, ecx
     jz .loop_done
@@ -239,12 +236,12 @@ align 16
     and dword [last], 0xFF
 .say_done:
     mov esi, msg_prefix
-    call puts
+    call serial_puts
     mov esi, msg_done
-    call puts
+    call serial_puts
     mov eax, [last]
-    call put_hex32
-    call newline                    ; the host stops its clock on this line
+    call serial_put_hex32
+    call serial_newline                    ; the host stops its clock on this line
     jmp reset
 
 .bad_magic:
@@ -261,10 +258,10 @@ align 16
 .error:
     push esi
     mov esi, msg_prefix
-    call puts
+    call serial_puts
     pop esi
-    call puts
-    call newline
+    call serial_puts
+    call serial_newline
     ; fall through
 
 reset:
@@ -276,249 +273,5 @@ reset:
     hlt
     jmp .stuck
 
-; find_key: ESI = NUL-terminated key ("n="). Looks for a token of the command line at
-; [cmdline] that starts with the key. ESI = the first byte after the key, or 0.
-; Clobbers EAX, ECX, EDI.
-find_key:
-    push ebx
-    mov ebx, esi                    ; EBX = key
-    mov edi, [cmdline]              ; EDI = current position
-    mov ecx, CMDLINE_MAX
-.token:
-    test ecx, ecx
-    jz .none
-    cmp byte [edi], ' '
-    jne .compare
-    inc edi
-    dec ecx
-    jmp .token
-.compare:
-    cmp byte [edi], 0
-    je .none
-    mov esi, ebx
-    push edi
-.cmp_loop:
-    mov al, [esi]
-    test al, al
-    jz .match
-    cmp al, [edi]
-    jne .mismatch
-    inc esi
-    inc edi
-    jmp .cmp_loop
-.match:
-    mov esi, edi
-    pop edi
-    pop ebx
-    ret
-.mismatch:
-    pop edi
-.skip:                              ; to the next space or the end
-    test ecx, ecx
-    jz .none
-    cmp byte [edi], 0
-    je .none
-    cmp byte [edi], ' '
-    je .token
-    inc edi
-    dec ecx
-    jmp .skip
-.none:
-    xor esi, esi
-    pop ebx
-    ret
-
-; token_equals: ESI = token (ends at space or NUL), EDI = NUL-terminated word.
-; CF = 0 if they are equal, 1 if not. Preserves every register but flags.
-token_equals:
-    push eax
-    push esi
-    push edi
-.next:
-    mov al, [edi]
-    test al, al
-    jz .end_of_word
-    cmp al, [esi]
-    jne .differ
-    inc esi
-    inc edi
-    jmp .next
-.end_of_word:
-    mov al, [esi]
-    test al, al
-    jz .equal
-    cmp al, ' '
-    je .equal
-.differ:
-    stc
-    jmp .out
-.equal:
-    clc
-.out:
-    pop edi
-    pop esi
-    pop eax
-    ret
-
-; parse_number: ESI = decimal or 0x-hex digits ending at space or NUL.
-; EAX = value, CF = 1 if malformed (no digits, a bad character, over 32 bits).
-; Clobbers ECX, EDX, ESI.
-parse_number:
-    xor eax, eax
-    mov ecx, 10
-    cmp byte [esi], '0'
-    jne .first
-    mov dl, [esi + 1]
-    or dl, 0x20
-    cmp dl, 'x'
-    jne .first
-    add esi, 2
-    mov ecx, 16
-.first:
-    movzx edx, byte [esi]
-    call digit_value                ; EDX = value, CF on a non-digit
-    jc .bad
-.digit:
-    cmp edx, ecx
-    jae .bad
-    push edx
-    mul ecx                         ; EDX:EAX = EAX * base
-    test edx, edx
-    pop edx
-    jnz .bad
-    add eax, edx
-    jc .bad
-    inc esi
-    movzx edx, byte [esi]
-    test edx, edx
-    jz .ok
-    cmp edx, ' '
-    je .ok
-    call digit_value
-    jc .bad
-    jmp .digit
-.ok:
-    clc
-    ret
-.bad:
-    stc
-    ret
-
-; digit_value: EDX = character -> its value 0..15, CF = 1 if not a hex digit.
-digit_value:
-    cmp edx, '0'
-    jb .no
-    cmp edx, '9'
-    jbe .dec
-    or edx, 0x20
-    cmp edx, 'a'
-    jb .no
-    cmp edx, 'f'
-    ja .no
-    sub edx, 'a' - 10
-    clc
-    ret
-.dec:
-    sub edx, '0'
-    clc
-    ret
-.no:
-    stc
-    ret
-
-; putc: AL = byte to COM1. Preserves every register.
-putc:
-    push ecx
-    push edx
-    push eax
-    mov dx, COM1 + UART_LSR
-    mov ecx, TX_POLLS
-.wait:
-    in al, dx
-    test al, LSR_THRE
-    jnz .send
-    loop .wait
-.send:
-    pop eax
-    mov dx, COM1
-    out dx, al
-    pop edx
-    pop ecx
-    ret
-
-; puts: ESI = NUL-terminated string. Preserves every register.
-puts:
-    push eax
-    push esi
-.next:
-    lodsb
-    test al, al
-    jz .done
-    call putc
-    jmp .next
-.done:
-    pop esi
-    pop eax
-    ret
-
-newline:
-    push eax
-    mov al, 13
-    call putc
-    mov al, 10
-    call putc
-    pop eax
-    ret
-
-; put_hex32: EAX as 0x + 8 hex digits. Preserves every register.
-put_hex32:
-    push eax
-    push ecx
-    push edx
-    mov edx, eax
-    mov al, '0'
-    call putc
-    mov al, 'x'
-    call putc
-    mov ecx, 8
-.nibble:
-    rol edx, 4
-    mov al, dl
-    and al, 0x0F
-    add al, '0'
-    cmp al, '9'
-    jbe .out
-    add al, 'a' - '0' - 10
-.out:
-    call putc
-    loop .nibble
-    pop edx
-    pop ecx
-    pop eax
-    ret
-
-; put_dec: EAX as unsigned decimal. Preserves every register.
-put_dec:
-    push eax
-    push ebx
-    push ecx
-    push edx
-    mov ebx, 10
-    xor ecx, ecx
-.divide:
-    xor edx, edx
-    div ebx
-    push edx
-    inc ecx
-    test eax, eax
-    jnz .divide
-.emit:
-    pop eax
-    add al, '0'
-    call putc
-    loop .emit
-    pop edx
-    pop ecx
-    pop ebx
-    pop eax
-    ret
+%include "cmdline_tokens.inc"
+%include "serial_out.inc"

@@ -28,8 +28,9 @@ def build(tmp_path: Path) -> Path:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: run `make setup`")
     obj, elf = tmp_path / "blk_bench.o", tmp_path / "blk_bench.elf"
-    subprocess.run(["nasm", "-f", "elf32", "-o", str(obj), str(GUESTS / "blk_bench.asm")],
-                   check=True)
+    include = Path(__file__).parents[3] / "guests" / "include"
+    subprocess.run(["nasm", "-f", "elf32", "-I", f"{include}/", "-o", str(obj),
+                    str(GUESTS / "blk_bench.asm")], check=True)
     subprocess.run(["ld", "-m", "elf_i386", "-T", str(GUESTS / "blk_bench.ld"), "-o", str(elf),
                     str(obj)], check=True)
     return elf

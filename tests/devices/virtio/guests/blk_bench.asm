@@ -1,8 +1,8 @@
 ; blk_bench.asm - a PVH guest that measures a VMM's virtio-blk (bench/blk.py) and, with a
 ; rate limit, shows the limit holding (tests/devices/virtio/test_blk_ratelimit.py).
 ;
-; Self-contained: `nasm -f elf32`, `ld -m elf_i386 -T blk_bench.ld` (loaded at 1 MiB, PVH
-; note in a PT_NOTE). The same ELF runs under isovisor and QEMU microvm: it finds the
+; `nasm -f elf32 -I guests/include/` (cmdline_tokens.inc, serial_out.inc), then
+; `ld -m elf_i386 -T blk_bench.ld` (loaded at 1 MiB, PVH note in a PT_NOTE). The same ELF runs under isovisor and QEMU microvm: it finds the
 ; block device by scanning both VMMs' virtio-mmio windows for MagicValue 0x74726976,
 ; Version 2 and DeviceID 2: isovisor's at 0xD0000000 + n * 0x1000 (n < 8), QEMU microvm's
 ; at 0xFEB00000 + n * 0x200 (n < 32). Reads of unclaimed addresses return all-ones
@@ -40,10 +40,6 @@ HVM_START_MAGIC          equ 0x336ec578
 SI_MAGIC                 equ 0
 SI_CMDLINE_PADDR         equ 24
 
-COM1        equ 0x3F8
-UART_LSR    equ 5
-LSR_THRE    equ 0x20
-TX_POLLS    equ 1000
 CMDLINE_MAX equ 1024
 
 VIRTIO_MAGIC equ 0x74726976
@@ -221,36 +217,36 @@ pvh_entry:
 
     ; blkbench: device=0x... capacity=N mode=M rounds=N depth=N size=N
     mov esi, msg_prefix
-    call puts
+    call serial_puts
     mov esi, msg_device
-    call puts
+    call serial_puts
     mov eax, [mmio]
-    call put_hex32
+    call serial_put_hex32
     mov esi, msg_cap
-    call puts
+    call serial_puts
     mov eax, [capacity]
-    call put_dec
+    call serial_put_dec
     mov esi, msg_mode
-    call puts
+    call serial_puts
     mov esi, val_seq
     cmp dword [rand_mode], 0
     je .say_mode
     mov esi, val_rand
 .say_mode:
-    call puts
+    call serial_puts
     mov esi, msg_rounds
-    call puts
+    call serial_puts
     mov eax, [rounds]
-    call put_dec
+    call serial_put_dec
     mov esi, msg_depth
-    call puts
+    call serial_puts
     mov eax, DEPTH
-    call put_dec
+    call serial_put_dec
     mov esi, msg_size
-    call puts
+    call serial_puts
     mov eax, [size]
-    call put_dec
-    call newline
+    call serial_put_dec
+    call serial_newline
 
     cmp dword [hlt_mode], 0
     je .no_timer
@@ -259,10 +255,10 @@ pvh_entry:
     mov ebp, [rounds]               ; rounds left
     xor ebx, ebx                    ; header image offset of this round
     mov esi, msg_prefix
-    call puts
+    call serial_puts
     mov esi, msg_start
-    call puts
-    call newline                    ; the host starts its clock on this line
+    call serial_puts
+    call serial_newline                    ; the host starts its clock on this line
     test ebp, ebp
     jz .timed_done
     mov edx, [mmio]
@@ -296,9 +292,9 @@ align 16
 .timed_done:
     mov dword [LAPIC + LAPIC_LVT_TIMER], 0x10000    ; mask the timer again
     mov esi, msg_prefix
-    call puts
+    call serial_puts
     mov esi, msg_done
-    call puts                       ; the host stops its clock at this line
+    call serial_puts                       ; the host stops its clock at this line
     mov edi, STATUS                 ; every status of the last round must be OK (0)
     mov ecx, DEPTH
     xor eax, eax
@@ -307,8 +303,8 @@ align 16
     je .say_status
     mov esi, msg_bad
 .say_status:
-    call puts
-    call newline
+    call serial_puts
+    call serial_newline
     jmp reset
 
 .bad_magic:
@@ -328,10 +324,10 @@ align 16
 .error:
     push esi
     mov esi, msg_prefix
-    call puts
+    call serial_puts
     pop esi
-    call puts
-    call newline
+    call serial_puts
+    call serial_newline
 
 reset:
     mov al, 0xFE
@@ -574,249 +570,5 @@ prepare:
     stc
     ret
 
-; find_key: ESI = NUL-terminated key ("n="). Looks for a token of the command line at
-; [cmdline] that starts with the key. ESI = the first byte after the key, or 0.
-; Clobbers EAX, ECX, EDI.
-find_key:
-    push ebx
-    mov ebx, esi                    ; EBX = key
-    mov edi, [cmdline]              ; EDI = current position
-    mov ecx, CMDLINE_MAX
-.token:
-    test ecx, ecx
-    jz .none
-    cmp byte [edi], ' '
-    jne .compare
-    inc edi
-    dec ecx
-    jmp .token
-.compare:
-    cmp byte [edi], 0
-    je .none
-    mov esi, ebx
-    push edi
-.cmp_loop:
-    mov al, [esi]
-    test al, al
-    jz .match
-    cmp al, [edi]
-    jne .mismatch
-    inc esi
-    inc edi
-    jmp .cmp_loop
-.match:
-    mov esi, edi
-    pop edi
-    pop ebx
-    ret
-.mismatch:
-    pop edi
-.skip:                              ; to the next space or the end
-    test ecx, ecx
-    jz .none
-    cmp byte [edi], 0
-    je .none
-    cmp byte [edi], ' '
-    je .token
-    inc edi
-    dec ecx
-    jmp .skip
-.none:
-    xor esi, esi
-    pop ebx
-    ret
-
-; token_equals: ESI = token (ends at space or NUL), EDI = NUL-terminated word.
-; CF = 0 if they are equal, 1 if not. Preserves every register but flags.
-token_equals:
-    push eax
-    push esi
-    push edi
-.next:
-    mov al, [edi]
-    test al, al
-    jz .end_of_word
-    cmp al, [esi]
-    jne .differ
-    inc esi
-    inc edi
-    jmp .next
-.end_of_word:
-    mov al, [esi]
-    test al, al
-    jz .equal
-    cmp al, ' '
-    je .equal
-.differ:
-    stc
-    jmp .out
-.equal:
-    clc
-.out:
-    pop edi
-    pop esi
-    pop eax
-    ret
-
-; parse_number: ESI = decimal or 0x-hex digits ending at space or NUL.
-; EAX = value, CF = 1 if malformed (no digits, a bad character, over 32 bits).
-; Clobbers ECX, EDX, ESI.
-parse_number:
-    xor eax, eax
-    mov ecx, 10
-    cmp byte [esi], '0'
-    jne .first
-    mov dl, [esi + 1]
-    or dl, 0x20
-    cmp dl, 'x'
-    jne .first
-    add esi, 2
-    mov ecx, 16
-.first:
-    movzx edx, byte [esi]
-    call digit_value                ; EDX = value, CF on a non-digit
-    jc .bad
-.digit:
-    cmp edx, ecx
-    jae .bad
-    push edx
-    mul ecx                         ; EDX:EAX = EAX * base
-    test edx, edx
-    pop edx
-    jnz .bad
-    add eax, edx
-    jc .bad
-    inc esi
-    movzx edx, byte [esi]
-    test edx, edx
-    jz .ok
-    cmp edx, ' '
-    je .ok
-    call digit_value
-    jc .bad
-    jmp .digit
-.ok:
-    clc
-    ret
-.bad:
-    stc
-    ret
-
-; digit_value: EDX = character -> its value 0..15, CF = 1 if not a hex digit.
-digit_value:
-    cmp edx, '0'
-    jb .no
-    cmp edx, '9'
-    jbe .dec
-    or edx, 0x20
-    cmp edx, 'a'
-    jb .no
-    cmp edx, 'f'
-    ja .no
-    sub edx, 'a' - 10
-    clc
-    ret
-.dec:
-    sub edx, '0'
-    clc
-    ret
-.no:
-    stc
-    ret
-
-; putc: AL = byte to COM1. Preserves every register.
-putc:
-    push ecx
-    push edx
-    push eax
-    mov dx, COM1 + UART_LSR
-    mov ecx, TX_POLLS
-.wait:
-    in al, dx
-    test al, LSR_THRE
-    jnz .send
-    loop .wait
-.send:
-    pop eax
-    mov dx, COM1
-    out dx, al
-    pop edx
-    pop ecx
-    ret
-
-; puts: ESI = NUL-terminated string. Preserves every register.
-puts:
-    push eax
-    push esi
-.next:
-    lodsb
-    test al, al
-    jz .done
-    call putc
-    jmp .next
-.done:
-    pop esi
-    pop eax
-    ret
-
-newline:
-    push eax
-    mov al, 13
-    call putc
-    mov al, 10
-    call putc
-    pop eax
-    ret
-
-; put_hex32: EAX as 0x + 8 hex digits. Preserves every register.
-put_hex32:
-    push eax
-    push ecx
-    push edx
-    mov edx, eax
-    mov al, '0'
-    call putc
-    mov al, 'x'
-    call putc
-    mov ecx, 8
-.nibble:
-    rol edx, 4
-    mov al, dl
-    and al, 0x0F
-    add al, '0'
-    cmp al, '9'
-    jbe .out
-    add al, 'a' - '0' - 10
-.out:
-    call putc
-    loop .nibble
-    pop edx
-    pop ecx
-    pop eax
-    ret
-
-; put_dec: EAX as unsigned decimal. Preserves every register.
-put_dec:
-    push eax
-    push ebx
-    push ecx
-    push edx
-    mov ebx, 10
-    xor ecx, ecx
-.divide:
-    xor edx, edx
-    div ebx
-    push edx
-    inc ecx
-    test eax, eax
-    jnz .divide
-.emit:
-    pop eax
-    add al, '0'
-    call putc
-    loop .emit
-    pop edx
-    pop ecx
-    pop ebx
-    pop eax
-    ret
+%include "cmdline_tokens.inc"
+%include "serial_out.inc"
