@@ -14,9 +14,7 @@ same tenant exactly the legitimate ones (the spoofed ones die at the sender's TA
 from __future__ import annotations
 
 import re
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +29,7 @@ from isovisor.host.network.addressing import NicPlan
 from isovisor.host.network.plumbing import NetworkPlumbing
 from isovisor.kvm import Kvm
 from isovisor.vmm.vm import Vm
+from tests.devices.virtio.driver_guests import assemble
 from tests.devices.virtio.netns import NetNs
 from tests.network.fabric import fabric, inside, network, nic
 from tests.network.frames import BROADCAST, arp_frame, mac_bytes, norm, udp_frame
@@ -38,7 +37,6 @@ from tests.vmm.rawguest import Recorder, raw_vm
 
 pytestmark = pytest.mark.kvm
 
-GUEST = Path(__file__).resolve().parents[1] / "devices" / "virtio" / "guests" / "net_tenant.asm"
 REPORT_PORT = 0x500
 ALIVE, READY, TIMEOUT = 0x600DF00D, 0x0EAD0001, 0xDEAD0001
 TABLE, LOG = 0x300000, 0x400010
@@ -53,12 +51,8 @@ B2 = nic("00000b02", NET_B, "02:bb:00:00:00:02", "10.91.0.3")
 
 
 def build(tmp_path: Path, role: int) -> bytes:
-    if shutil.which("nasm") is None:
-        pytest.fail("nasm is missing: run `make setup` (the Makefile installs it)")
     out = tmp_path / f"net_tenant_{role}.bin"
-    subprocess.run(["nasm", "-f", "bin", f"-DROLE={role}", "-o", str(out), str(GUEST)],
-                   check=True)
-    return out.read_bytes()
+    return assemble(out, "net_tenant", f"ROLE={role}").read_bytes()
 
 
 class Guest:

@@ -4,24 +4,15 @@ no report port exists."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
-
 from isovisor.worker.pvh_image import pvh_elf
-
-GUESTS = Path(__file__).parent / "guests"
+from tests.devices.virtio.driver_guests import assemble
 
 
 def build_serial_guest(tmp_path: Path, driver: str, *defines: str) -> Path:
     """guests/<driver>.asm as a PVH kernel reporting 8 hex digits a line on COM1."""
-    if shutil.which("nasm") is None:
-        pytest.fail("nasm is missing: run `make setup` (the Makefile installs it)")
-    flat = tmp_path / f"{driver}.bin"
-    subprocess.run(["nasm", "-f", "bin", "-DSERIAL", *(f"-D{d}" for d in defines), "-o",
-                    str(flat), str(GUESTS / f"{driver}.asm")], check=True)
+    flat = assemble(tmp_path / f"{driver}.bin", driver, "SERIAL", *defines)
     elf = tmp_path / f"{driver}.elf"
     elf.write_bytes(pvh_elf(flat.read_bytes()))
     return elf

@@ -5,8 +5,6 @@ security event) while the VM, the transport and a virtio-rng beside it keep work
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,24 +20,19 @@ from isovisor.kvm import Kvm
 from isovisor.vmm.vcpu import VcpuState
 from isovisor.vmm.vm import Vm
 from tests.devices.virtio.blk_helpers import make_image, sector_bytes
+from tests.devices.virtio.driver_guests import assemble
 from tests.devices.virtio.test_rng_guest import ALIVE, REPORT_PORT, Report
 from tests.vmm.rawguest import raw_vm
 
 pytestmark = pytest.mark.kvm
 
-GUEST = Path(__file__).parent / "guests" / "blk_driver.asm"
 LIVE = 0x4C495645
 SECTORS = 64
 
 
 def build(tmp_path: Path, hostile: int) -> bytes:
-    if shutil.which("nasm") is None:
-        pytest.fail("nasm is missing: run `make setup` (the Makefile installs it)")
     out = tmp_path / f"blk_driver_{hostile}.bin"
-    subprocess.run(
-        ["nasm", "-f", "bin", f"-DHOSTILE={hostile}", "-o", str(out), str(GUEST)], check=True
-    )
-    return out.read_bytes()
+    return assemble(out, "blk_driver", f"HOSTILE={hostile}").read_bytes()
 
 
 class Guest:

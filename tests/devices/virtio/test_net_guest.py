@@ -5,8 +5,6 @@ rng beside it keeps serving the same guest."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,13 +22,13 @@ from isovisor.devices.virtio.slots import attach_virtio_mmio, virtio_mmio_slot
 from isovisor.kvm import Kvm
 from isovisor.vmm.vcpu import VcpuState
 from isovisor.vmm.vm import Vm
+from tests.devices.virtio.driver_guests import assemble
 from tests.devices.virtio.net_helpers import MAC, TapPeer, tap_in_netns
 from tests.devices.virtio.netns import NetNs, eth_frame
 from tests.vmm.rawguest import Recorder, raw_vm
 
 pytestmark = pytest.mark.kvm
 
-GUEST = Path(__file__).parent / "guests" / "net_driver.asm"
 REPORT_PORT = 0x500
 ALIVE = 0x600DF00D
 TIMEOUT = 0xDEAD0001
@@ -39,13 +37,8 @@ NET_SOURCE = f"virtio-net@{0xD0000000:#x}"
 
 
 def build(tmp_path: Path, hostile: int) -> bytes:
-    if shutil.which("nasm") is None:
-        pytest.fail("nasm is missing: run `make setup` (the Makefile installs it)")
     out = tmp_path / f"net_driver_{hostile}.bin"
-    subprocess.run(
-        ["nasm", "-f", "bin", f"-DHOSTILE={hostile}", "-o", str(out), str(GUEST)], check=True
-    )
-    return out.read_bytes()
+    return assemble(out, "net_driver", f"HOSTILE={hostile}").read_bytes()
 
 
 class Report:

@@ -4,8 +4,6 @@ drives the device to NEEDS_RESET while the VM keeps running."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,11 +17,11 @@ from isovisor.devices.virtio.slots import attach_virtio_mmio, virtio_mmio_slot
 from isovisor.kvm import Kvm
 from isovisor.vmm.vcpu import VcpuState
 from isovisor.vmm.vm import Vm
+from tests.devices.virtio.driver_guests import assemble
 from tests.vmm.rawguest import Recorder, raw_vm
 
 pytestmark = pytest.mark.kvm
 
-GUEST = Path(__file__).parent / "guests" / "rng_driver.asm"
 REPORT_PORT = 0x500
 BUF = 0x203000
 ALIVE = 0x600DF00D
@@ -31,13 +29,8 @@ TIMEOUT = 0xDEAD0001
 
 
 def build(tmp_path: Path, hostile: int) -> bytes:
-    if shutil.which("nasm") is None:
-        pytest.fail("nasm is missing: run `make setup` (the Makefile installs it)")
     out = tmp_path / f"rng_driver_{hostile}.bin"
-    subprocess.run(
-        ["nasm", "-f", "bin", f"-DHOSTILE={hostile}", "-o", str(out), str(GUEST)], check=True
-    )
-    return out.read_bytes()
+    return assemble(out, "rng_driver", f"HOSTILE={hostile}").read_bytes()
 
 
 class Report:

@@ -5,9 +5,7 @@ virtio-rng beside it keep running."""
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,11 +20,11 @@ from isovisor.devices.virtio.vsock import VirtioVsock, VsockSpec, open_vsock
 from isovisor.kvm import Kvm
 from isovisor.vmm.vcpu import VcpuState
 from isovisor.vmm.vm import Vm
+from tests.devices.virtio.driver_guests import assemble
 from tests.vmm.rawguest import Recorder, raw_vm
 
 pytestmark = pytest.mark.kvm
 
-GUEST = Path(__file__).parent / "guests" / "vsock_driver.asm"
 REPORT_PORT = 0x500
 PORT = 5000
 CID = 3
@@ -35,15 +33,8 @@ TIMEOUT = 0xDEAD0001
 
 
 def build(tmp_path: Path, hostile: int) -> bytes:
-    if shutil.which("nasm") is None:
-        pytest.fail("nasm is missing: run `make setup` (the Makefile installs it)")
     out = tmp_path / f"vsock_driver_{hostile}.bin"
-    subprocess.run(
-        ["nasm", "-f", "bin", f"-DHOSTILE={hostile}", f"-DPORT={PORT}", "-o", str(out),
-         str(GUEST)],
-        check=True,
-    )
-    return out.read_bytes()
+    return assemble(out, "vsock_driver", f"HOSTILE={hostile}", f"PORT={PORT}").read_bytes()
 
 
 class Report:

@@ -24,7 +24,7 @@
 ; ring entry naming descriptor 200 of a 16-entry queue (bad index); 5 a descriptor table
 ; placed over the device's own MMIO window (rejected at QueueReady); 6 an avail idx that
 ; jumps 1000 entries ahead.
-; Build: nasm -f bin -DHOSTILE=<n> blk_driver.asm.
+; Build: nasm -f bin -I <this directory>/ -DHOSTILE=<n> (driver_guests.py).
 
 bits 32
 org 0x100000
@@ -51,22 +51,7 @@ ALIVE   equ 0x600DF00D
 TIMEOUT equ 0xDEAD0001
 SPINS   equ 400000
 
-; Reporting: `out dx, eax` with DX = REPORT (the raw-VM tests record that port), or with
-; -DSERIAL (the jailed runs through `isovisor run`, which has no report port) each value
-; as 8 hex digits and a newline on COM1; the end of the run then resets the machine
-; (i8042) so `isovisor run` exits. Every register and flag survives a report.
-%macro REPORT_EAX 0
-%ifdef SERIAL
-    call serial_report
-%else
-    out dx, eax
-%endif
-%endmacro
-
-%macro SEND 1
-    mov eax, %1
-    REPORT_EAX
-%endmacro
+%include "report.inc"
 
 start:
     mov esp, 0x1FF000                       ; rawguest gives no stack; calls need one
@@ -304,26 +289,4 @@ hdr_in:     dd 0, 0
 hdr_id:     dd 8, 0
             dq 0                             ; VIRTIO_BLK_T_GET_ID
 
-%ifdef SERIAL
-; serial_report: EAX as 8 lowercase hex digits and LF on COM1, nothing else changed.
-serial_report:
-    pushfd
-    pushad
-    mov ebx, eax
-    mov ecx, 8
-    mov dx, 0x3F8
-.digit:
-    rol ebx, 4
-    mov eax, ebx
-    and eax, 0x0F
-    mov al, [hex_digits + eax]
-    out dx, al
-    dec ecx
-    jnz .digit
-    mov al, 10
-    out dx, al
-    popad
-    popfd
-    ret
-hex_digits: db "0123456789abcdef"
-%endif
+%include "serial_report.inc"

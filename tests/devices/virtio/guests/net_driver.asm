@@ -22,7 +22,7 @@
 ; HOSTILE=1: a transmit descriptor whose `next` is itself (a loop);
 ; HOSTILE=2: a receive buffer in the MMIO hole (not RAM);
 ; HOSTILE=3: a transmit descriptor of 0xFFFFFFF0 bytes (runs past RAM).
-; Build: nasm -f bin -DHOSTILE=<n> net_driver.asm.
+; Build: nasm -f bin -I <this directory>/ -DHOSTILE=<n> (driver_guests.py).
 
 bits 32
 org 0x100000
@@ -53,47 +53,9 @@ SPINS   equ 5000000         ; bounded waits: seconds of emulated instructions
 ; Driver features: MAC (5), MRG_RXBUF (15), STATUS (16); VERSION_1 in the high word.
 FEATURES equ (1 << 5) | (1 << 15) | (1 << 16)
 
-; Reporting: `out dx, eax` with DX = REPORT (the raw-VM tests record that port), or with
-; -DSERIAL (the jailed runs through `isovisor run`, which has no report port) each value
-; as 8 hex digits and a newline on COM1; the end of the run then resets the machine
-; (i8042) so `isovisor run` exits. Every register and flag survives a report.
-%macro REPORT_EAX 0
-%ifdef SERIAL
-    call serial_report
-%else
-    out dx, eax
-%endif
-%endmacro
+%include "report.inc"
 
-%macro SEND 1
-    mov eax, %1
-    REPORT_EAX
-%endmacro
-
-; SETUP_QUEUE base, index, desc, avail, used
-%macro SETUP_QUEUE 5
-    mov dword [%1 + 0x030], %2
-    mov dword [%1 + 0x038], QSIZE
-    mov dword [%1 + 0x080], %3
-    mov dword [%1 + 0x084], 0
-    mov dword [%1 + 0x090], %4
-    mov dword [%1 + 0x094], 0
-    mov dword [%1 + 0x0A0], %5
-    mov dword [%1 + 0x0A4], 0
-    mov dword [%1 + 0x044], 1
-%endmacro
-
-; WAIT_WORD addr, value: spin until the word at addr equals value, else report TIMEOUT
-%macro WAIT_WORD 2
-    mov ecx, SPINS
-%%spin:
-    cmp word [%1], %2
-    je %%done
-    dec ecx
-    jnz %%spin
-    jmp timeout
-%%done:
-%endmacro
+%include "virtqueue.inc"
 
 start:
 %ifdef SERIAL
@@ -256,26 +218,4 @@ ping_len equ $ - ping
 pong: db "isovisor-pong"
 pong_len equ $ - pong
 
-%ifdef SERIAL
-; serial_report: EAX as 8 lowercase hex digits and LF on COM1, nothing else changed.
-serial_report:
-    pushfd
-    pushad
-    mov ebx, eax
-    mov ecx, 8
-    mov dx, 0x3F8
-.digit:
-    rol ebx, 4
-    mov eax, ebx
-    and eax, 0x0F
-    mov al, [hex_digits + eax]
-    out dx, al
-    dec ecx
-    jnz .digit
-    mov al, 10
-    out dx, al
-    popad
-    popfd
-    ret
-hex_digits: db "0123456789abcdef"
-%endif
+%include "serial_report.inc"

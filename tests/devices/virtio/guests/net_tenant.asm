@@ -16,7 +16,7 @@
 ;     frames at LOG - 16), and post the buffer again. The host reads the log from guest
 ;     memory and stops the VM.
 ; 0xDEAD0001 instead when a wait timed out.
-; Build: nasm -f bin -DROLE=<1|2> net_tenant.asm.
+; Build: nasm -f bin -I <this directory>/ -DROLE=<1|2> (driver_guests.py).
 
 bits 32
 org 0x100000
@@ -40,22 +40,9 @@ TIMEOUT equ 0xDEAD0001
 SPINS   equ 5000000
 FEATURES equ (1 << 5)       ; MAC; VERSION_1 in the high word
 
-%macro SEND 1
-    mov eax, %1
-    out dx, eax
-%endmacro
+%include "report.inc"
 
-%macro SETUP_QUEUE 5
-    mov dword [%1 + 0x030], %2
-    mov dword [%1 + 0x038], QSIZE
-    mov dword [%1 + 0x080], %3
-    mov dword [%1 + 0x084], 0
-    mov dword [%1 + 0x090], %4
-    mov dword [%1 + 0x094], 0
-    mov dword [%1 + 0x0A0], %5
-    mov dword [%1 + 0x0A4], 0
-    mov dword [%1 + 0x044], 1
-%endmacro
+%include "virtqueue.inc"
 
 start:
     mov dx, REPORT

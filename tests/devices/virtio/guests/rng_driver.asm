@@ -13,7 +13,7 @@
 ;   and finally ALIVE (0x600DF00D); 0xDEAD0001 instead if the wait timed out.
 ;
 ; HOSTILE=1 posts a descriptor whose `next` is itself (a loop); HOSTILE=2 one whose buffer
-; lies in the MMIO hole (not RAM). Build: nasm -f bin -DHOSTILE=<n> rng_driver.asm.
+; lies in the MMIO hole (not RAM). Build: nasm -f bin -I <this directory>/ -DHOSTILE=<n>.
 
 bits 32
 org 0x100000
@@ -33,10 +33,7 @@ ALIVE   equ 0x600DF00D
 TIMEOUT equ 0xDEAD0001
 SPINS   equ 200000          ; bounded wait: ~1 s of emulated instructions
 
-%macro SEND 1
-    mov eax, %1
-    out dx, eax
-%endmacro
+%include "report.inc"
 
 start:
     mov dx, REPORT

@@ -17,7 +17,7 @@
 ;              length for a 16-byte request (the other device still works)
 ;   and finally ALIVE (0x600DF00D); 0xDEAD0001 instead if a wait timed out.
 ;
-; Build: nasm -f bin -DHOSTILE=<n> -DPORT=<p> vsock_driver.asm
+; Build: nasm -f bin -I <this directory>/ -DHOSTILE=<n> -DPORT=<p> (driver_guests.py).
 
 bits 32
 org 0x100000
@@ -49,34 +49,9 @@ ALIVE   equ 0x600DF00D
 TIMEOUT equ 0xDEAD0001
 SPINS   equ 2000000         ; bounded waits: several seconds of emulated instructions
 
-; Reporting: `out dx, eax` with DX = REPORT (the raw-VM tests record that port), or with
-; -DSERIAL (the jailed runs through `isovisor run`, which has no report port) each value
-; as 8 hex digits and a newline on COM1; the end of the run then resets the machine
-; (i8042) so `isovisor run` exits. Every register and flag survives a report.
-%macro REPORT_EAX 0
-%ifdef SERIAL
-    call serial_report
-%else
-    out dx, eax
-%endif
-%endmacro
+%include "report.inc"
 
-%macro SEND 1
-    mov eax, %1
-    REPORT_EAX
-%endmacro
-
-; WAIT addr, value: spin until the u16 at addr equals value, or report TIMEOUT and stop
-%macro WAIT 2
-    mov ecx, SPINS
-%%spin:
-    cmp word [%1], %2
-    je %%done
-    dec ecx
-    jnz %%spin
-    jmp timeout
-%%done:
-%endmacro
+%include "virtqueue.inc"
 
 ; SETUPQ base, index, desc, avail, used: §4.2.3.2 queue setup (size QSIZE)
 %macro SETUPQ 5
@@ -158,15 +133,15 @@ start:
     DESC RNGD, 0, RNGBUF, 16, 2
     mov word [RNGA + 2], 1
     mov dword [edi + 0x050], 0
-    WAIT RNGU + 2, 1
+    WAIT_WORD RNGU + 2, 1
     SEND [RNGU + 8]                         ; used len: 16
 %else
-    WAIT RXU + 2, 1
+    WAIT_WORD RXU + 2, 1
     SEND [RXB0 + 28]                        ; type | op << 16: RESPONSE
     mov word [TXA + 6], 1                   ; ring[1] = 1: RW "ping"
     mov word [TXA + 2], 2
     mov dword [esi + 0x050], 1
-    WAIT RXU + 2, 2
+    WAIT_WORD RXU + 2, 2
     SEND [RXB1 + 28]                        ; RW
     SEND [RXB1 + 24]                        ; len
     SEND [RXB1 + 44]                        ; "pong"
@@ -176,7 +151,7 @@ start:
     mov word [TXA + 8], 2                   ; ring[2] = 2: SHUTDOWN(RCV|SEND)
     mov word [TXA + 2], 3
     mov dword [esi + 0x050], 1
-    WAIT RXU + 2, 3
+    WAIT_WORD RXU + 2, 3
     SEND [RXB0 + 28]                        ; RST: the clean disconnect (§5.10.6.5)
 %endif
     SEND ALIVE
@@ -210,26 +185,4 @@ shut:   dq 0, 2
         dw 1, 4                             ; STREAM, SHUTDOWN
         dd 3, 4096, 4                       ; RCV | SEND; we consumed "pong"
 
-%ifdef SERIAL
-; serial_report: EAX as 8 lowercase hex digits and LF on COM1, nothing else changed.
-serial_report:
-    pushfd
-    pushad
-    mov ebx, eax
-    mov ecx, 8
-    mov dx, 0x3F8
-.digit:
-    rol ebx, 4
-    mov eax, ebx
-    and eax, 0x0F
-    mov al, [hex_digits + eax]
-    out dx, al
-    dec ecx
-    jnz .digit
-    mov al, 10
-    out dx, al
-    popad
-    popfd
-    ret
-hex_digits: db "0123456789abcdef"
-%endif
+%include "serial_report.inc"
