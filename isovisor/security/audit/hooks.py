@@ -77,23 +77,10 @@ class StartFacts(Protocol):
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-class RequestFacts(Protocol):
-    """What the API pipeline reports about one request (isovisor.api.pipeline)."""
+class RequestFacts(StartFacts, Protocol):
+    """What the API pipeline reports about one request (isovisor.api.pipeline): what it
+    knew before the request ran, and how the request was decided and answered."""
 
-    @property
-    def request_id(self) -> str: ...
-    @property
-    def time(self) -> str: ...
-    @property
-    def client(self) -> str: ...
-    @property
-    def principal(self) -> str | None: ...
-    @property
-    def certificate_serial(self) -> str | None: ...
-    @property
-    def method(self) -> str: ...
-    @property
-    def path(self) -> str: ...
     @property
     def action(self) -> str | None: ...
     @property
@@ -135,13 +122,21 @@ def _state(value: object, none: str) -> str:
     return str(value.value) if isinstance(value, enum.Enum) else str(value)
 
 
-def request_data(r: RequestFacts) -> dict[str, Any]:
+def start_data(s: StartFacts) -> dict[str, Any]:
+    """The record fields of a request before it runs (the `api.intent` record's data)."""
     return {
-        "request_id": clip(r.request_id), "time": clip(r.time), "client": clip(r.client),
-        "principal": clip(r.principal), "certificate_serial": clip(r.certificate_serial),
-        "method": clip(r.method), "path": clip(r.path), "action": clip(r.action),
-        "scope": clip(r.scope), "decision": clip(r.decision), "status": r.status,
-        "outcome": clip(r.outcome), "error_code": clip(r.error_code),
+        "request_id": clip(s.request_id), "time": clip(s.time), "client": clip(s.client),
+        "principal": clip(s.principal), "certificate_serial": clip(s.certificate_serial),
+        "method": clip(s.method), "path": clip(s.path),
+    }
+
+
+def request_data(r: RequestFacts) -> dict[str, Any]:
+    """The `api.request` record's data: start_data's fields, then the decision and answer."""
+    return {
+        **start_data(r), "action": clip(r.action), "scope": clip(r.scope),
+        "decision": clip(r.decision), "status": r.status, "outcome": clip(r.outcome),
+        "error_code": clip(r.error_code),
     }
 
 
@@ -224,12 +219,7 @@ class HostAudit:
         if start.method in READ_METHODS or start.principal is None:
             return
         # Written now, fsynced with the request's own record: costs a write, not an fsync.
-        self.log.append(INTENT_KIND, {
-            "request_id": clip(start.request_id), "time": clip(start.time),
-            "client": clip(start.client), "principal": clip(start.principal),
-            "certificate_serial": clip(start.certificate_serial),
-            "method": clip(start.method), "path": clip(start.path),
-        }, durable=False)
+        self.log.append(INTENT_KIND, start_data(start), durable=False)
 
     def record_request(self, request: RequestFacts) -> None:
         """Raises AuditError when the record cannot be made durable: fail closed."""
