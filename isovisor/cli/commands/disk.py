@@ -6,9 +6,9 @@ per disk wrapped by the tenant's key); deleting one shreds it. Attach one to a V
 from __future__ import annotations
 
 import argparse
-import uuid
 
-from isovisor.cli.config import add_client_options, api, field, show, show_fields, tenant_of
+from isovisor.cli.config import field
+from isovisor.cli.tenant_resources import TenantResource
 
 DISK_COLUMNS = [("NAME", field("name")), ("SIZE", lambda d: f"{d['sizeMiB']}M"),
                 ("ENCRYPTION", field("encryption")), ("CREATED", lambda d: d["createdAt"][:19])]
@@ -24,58 +24,17 @@ def _mib(text: str) -> int:
     return int(number) * units[unit]
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("disk", help="encrypted disks of a tenant (management API)")
-    cmds = p.add_subparsers(dest="disk_command", metavar="COMMAND", required=True)
-    every: list[argparse.ArgumentParser] = []
-
-    def cmd(name: str, help_text: str, handler: object, *, named: bool = True
-            ) -> argparse.ArgumentParser:
-        c = cmds.add_parser(name, help=help_text)
-        if named:
-            c.add_argument("name", help="disk name")
-        c.add_argument("--tenant", "-t", help="tenant (default: `tenant` in the client config)")
-        c.set_defaults(handler=handler)
-        every.append(c)
-        return c
-
-    create = cmd("create", "create a disk (encrypted at rest, its own key)", cmd_create)
+def _size_option(create: argparse.ArgumentParser) -> None:
     create.add_argument("--size", type=_mib, required=True,
                         help="size, e.g. 512M or 4G (whole MiB, at most 1T)")
-    cmd("list", "disks of the tenant", cmd_list, named=False)
-    cmd("show", "one disk", cmd_show)
-    cmd("delete", "delete (shred) a disk: its key is destroyed first; no VM may name it",
-        cmd_delete)
-    for c in every:
-        add_client_options(c)
 
 
-def _base(args: argparse.Namespace) -> str:
-    return f"/v1/tenants/{tenant_of(args)}/disks"
-
-
-def cmd_create(args: argparse.Namespace) -> int:
-    with api(args) as client:
-        disk = client.post(_base(args), json={"name": args.name, "sizeMiB": args.size},
-                           headers={"Idempotency-Key": uuid.uuid4().hex})
-    show(args, disk, DISK_COLUMNS)
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    with api(args) as client:
-        show(args, client.list_all(_base(args)), DISK_COLUMNS)
-    return 0
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    with api(args) as client:
-        show_fields(args, client.get(f"{_base(args)}/{args.name}"))
-    return 0
-
-
-def cmd_delete(args: argparse.Namespace) -> int:
-    with api(args) as client:
-        client.delete(f"{_base(args)}/{args.name}")
-    print(f"disk {args.name!r} deleted (its key destroyed)")
-    return 0
+DISKS = TenantResource(
+    noun="disk", collection="disks", help="encrypted disks of a tenant (management API)",
+    columns=DISK_COLUMNS,
+    create_help="create a disk (encrypted at rest, its own key)",
+    add_create_options=_size_option, create_body=lambda args: {"sizeMiB": args.size},
+    delete_help="delete (shred) a disk: its key is destroyed first; no VM may name it",
+    deleted=" (its key destroyed)",
+)
+register = DISKS.register
