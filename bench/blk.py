@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import selectors
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +42,7 @@ from qemu_comparison import (
     isovisor_python,
     positive,
     time_at,
+    timed_output,
 )
 from results_block import write_block
 
@@ -124,40 +122,6 @@ def vmm_command(vmm: str, elf: Path, image: Path, cmdline: str, timeout: float,
 # --- one run -------------------------------------------------------------------------
 
 
-def timed_output(cmd: list[str], timeout: float) -> tuple[bytes, list[tuple[int, float]], int,
-                                                          str]:
-    """Run `cmd`; its stdout, (end offset, arrival time) per chunk, exit status, stderr."""
-    with tempfile.TemporaryFile() as err:
-        began = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=err, cwd=REPO)
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        out = bytearray()
-        chunks: list[tuple[int, float]] = []
-        deadline = began + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while True:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    proc.kill()
-                    proc.wait()
-                    raise BenchError(f"{shlex.join(cmd)} did not finish within {timeout:.0f} s;"
-                                     f" output so far:\n{out.decode(errors='replace')}")
-                if not sel.select(left):
-                    continue
-                data = os.read(fd, 65536)
-                now = time.perf_counter()
-                if not data:
-                    break
-                out += data
-                chunks.append((len(out), now))
-        rc = proc.wait()
-        err.seek(0)
-        return bytes(out), chunks, rc, err.read().decode(errors="replace").strip()
-
-
 def loop_seconds(out: bytes, chunks: list[tuple[int, float]]) -> float | None:
     """From the arrival of the start line's end to that of the done line's first byte."""
     s = out.find(START_LINE)
@@ -172,7 +136,7 @@ def measure(vmm: str, mode: str, rounds: int, elf: Path, image: Path, timeout: f
             qemu: str, wait: str = "hlt") -> Run:
     cmdline = f"mode={mode} rounds={rounds} wait={wait}"
     cmd = vmm_command(vmm, elf, image, cmdline, timeout, qemu)
-    out, chunks, rc, stderr = timed_output(cmd, timeout + 10)
+    out, chunks, rc, stderr, _ = timed_output(cmd, timeout + 10)
     text = out.decode(errors="replace")
 
     def fail(why: str) -> BenchError:

@@ -21,7 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import blk
-from qemu_comparison import BenchError, build_guest, check_tools, host_facts, positive
+from qemu_comparison import (
+    BenchError,
+    build_guest,
+    check_tools,
+    host_facts,
+    positive,
+    timed_output,
+)
 from results_block import write_block
 
 from isovisor.devices.diskcrypt.xts import SectorCipher
@@ -81,7 +88,7 @@ def measure(vmm: str, mode: str, rounds: int, elf: Path, image: Path, enc: Path,
     cmdline = f"mode={mode} rounds={rounds} wait=hlt"
     cmd = blk.vmm_command("isovisor", elf, image, cmdline, args.timeout, args.qemu)
     cmd[cmd.index(str(image))] = f"{enc},keyfile={key}"
-    out, chunks, rc, stderr = blk.timed_output(cmd, args.timeout + 10)
+    out, chunks, rc, stderr, _ = timed_output(cmd, args.timeout + 10)
     seconds = blk.loop_seconds(out, chunks)
     if seconds is None or blk.DONE_PREFIX + b"ok" not in out or rc != 0:
         raise BenchError(f"{vmm} ({mode}): failed\ncommand: {shlex.join(cmd)}\n"

@@ -16,14 +16,9 @@ min and max exits/second of each go into a table and into bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
-import selectors
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +32,7 @@ from qemu_comparison import (
     isovisor_python,
     positive,
     time_at,
+    timed_output,
 )
 from results_block import write_block
 
@@ -109,40 +105,7 @@ def measure(
     vmm: str, mode: str, n: int, elf: Path, timeout: float, qemu: str
 ) -> Run:
     cmd = vmm_command(vmm, elf, f"mode={mode} n={n}", timeout, qemu)
-    with tempfile.TemporaryFile() as err:
-        began = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, cwd=REPO
-        )
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        out = bytearray()
-        chunks: list[tuple[int, float]] = []
-        deadline = began + timeout + 10
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while True:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    proc.kill()
-                    proc.wait()
-                    raise BenchError(
-                        f"{vmm} ({mode}) did not finish within {timeout + 10:.0f} s; "
-                        f"output so far:\n{out.decode(errors='replace')}"
-                    )
-                if not sel.select(left):
-                    continue
-                data = os.read(fd, 65536)
-                now = time.perf_counter()
-                if not data:
-                    break
-                out += data
-                chunks.append((len(out), now))
-        rc = proc.wait()
-        wall = time.perf_counter() - began
-        err.seek(0)
-        stderr = err.read().decode(errors="replace").strip()
-
+    out, chunks, rc, stderr, wall = timed_output(cmd, timeout + 10)
     text = out.decode(errors="replace")
 
     def fail(why: str) -> BenchError:

@@ -1,6 +1,6 @@
 """What the benchmarks that run a PVH guest under isovisor and under QEMU share
-(bench/exits.py, bench/blk.py): the tool checks, building the guest ELF, when a byte of a
-VMM's output arrived, the host facts printed beside the numbers, and a count option."""
+(bench/exits.py, bench/blk.py): the tool checks, building the guest ELF, running a VMM while
+timing its output, the host facts printed beside the numbers, and a count option."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import argparse
 import datetime as dt
 import os
 import platform
+import selectors
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_INCLUDE = REPO / "guests" / "include"  # cmdline_tokens.inc, serial_out.inc
@@ -73,6 +78,51 @@ def build_guest(asm: Path, ld: Path) -> Path:
     obj.unlink(missing_ok=True)
     print(f"built {elf.relative_to(REPO)}", flush=True)
     return elf
+
+
+class Output(NamedTuple):
+    """What a VMM process wrote and when (timed_output)."""
+
+    out: bytes
+    chunks: list[tuple[int, float]]  # (end offset in out, arrival time) per read
+    rc: int
+    stderr: str
+    wall: float  # seconds from the process's start to its exit
+
+
+def timed_output(cmd: list[str], timeout: float) -> Output:
+    """Run `cmd` (in the repository), timing each chunk of its stdout as it arrives; a
+    BenchError if it has not exited after `timeout` seconds."""
+    with tempfile.TemporaryFile() as err:
+        began = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, cwd=REPO)
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        out = bytearray()
+        chunks: list[tuple[int, float]] = []
+        deadline = began + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    proc.kill()
+                    proc.wait()
+                    raise BenchError(f"{shlex.join(cmd)} did not finish within {timeout:.0f} s;"
+                                     f" output so far:\n{out.decode(errors='replace')}")
+                if not sel.select(left):
+                    continue
+                data = os.read(fd, 65536)
+                now = time.perf_counter()
+                if not data:
+                    break
+                out += data
+                chunks.append((len(out), now))
+        rc = proc.wait()
+        wall = time.perf_counter() - began
+        err.seek(0)
+        return Output(bytes(out), chunks, rc, err.read().decode(errors="replace").strip(), wall)
 
 
 def time_at(chunks: list[tuple[int, float]], offset: int) -> float:
