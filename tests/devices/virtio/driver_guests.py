@@ -1,6 +1,6 @@
 """Assembling the virtio driver guests (guests/*.asm: blk, net, rng and vsock drivers,
 net_tenant) as flat binaries: nasm with the guests' own directory on its include path
-(report.inc, serial_report.inc, virtqueue.inc) and the given -D defines."""
+(report.inc, serial_report.inc, virtio_mmio.inc) and the given -D defines."""
 
 from __future__ import annotations
 

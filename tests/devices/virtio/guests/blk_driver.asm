@@ -52,6 +52,7 @@ TIMEOUT equ 0xDEAD0001
 SPINS   equ 400000
 
 %include "report.inc"
+%include "virtio_mmio.inc"
 
 start:
     mov esp, 0x1FF000                       ; rawguest gives no stack; calls need one
@@ -194,14 +195,7 @@ submit:
 ; use_rng: bring up the rng in slot 1, post one 16-byte buffer, report its used length.
 use_rng:
     mov esi, RNG
-    mov dword [esi + 0x070], 0
-    mov dword [esi + 0x070], 1
-    mov dword [esi + 0x070], 3
-    mov dword [esi + 0x024], 0
-    mov dword [esi + 0x020], 0
-    mov dword [esi + 0x024], 1
-    mov dword [esi + 0x020], 1
-    mov dword [esi + 0x070], 0x0B
+    DEVICE_INIT esi, 0
     mov dword [esi + 0x030], 0
     mov dword [esi + 0x038], 8
     mov dword [esi + 0x080], RDESC
@@ -231,13 +225,7 @@ use_rng:
     SEND [RUSED + 8]
     ret
 
-halt:
-%ifdef SERIAL
-    mov al, 0xFE                            ; i8042: pulse reset, the run ends
-    out 0x64, al
-%endif
-    hlt
-    jmp halt
+    HALT
 
 ; --- static data: the descriptor table and the request headers -------------------------
 NEXT    equ 1

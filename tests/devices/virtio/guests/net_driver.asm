@@ -55,7 +55,7 @@ FEATURES equ (1 << 5) | (1 << 15) | (1 << 16)
 
 %include "report.inc"
 
-%include "virtqueue.inc"
+%include "virtio_mmio.inc"
 
 start:
 %ifdef SERIAL
@@ -182,14 +182,7 @@ start:
     SEND [esi + 0x070]
     ; the rng beside it: reset, features (VERSION_1 only), one queue, one buffer
     mov esi, RNG
-    mov dword [esi + 0x070], 0
-    mov dword [esi + 0x070], 1
-    mov dword [esi + 0x070], 3
-    mov dword [esi + 0x024], 0
-    mov dword [esi + 0x020], 0
-    mov dword [esi + 0x024], 1
-    mov dword [esi + 0x020], 1
-    mov dword [esi + 0x070], 0x0B
+    DEVICE_INIT esi, 0
     SETUP_QUEUE esi, 0, RQDESC, RQAVAIL, RQUSED
     mov dword [esi + 0x070], 0x0F
     mov dword [RQDESC + 0], RQBUF
@@ -202,13 +195,7 @@ start:
     SEND [RQUSED + 8]
 %endif
     SEND ALIVE
-halt:
-%ifdef SERIAL
-    mov al, 0xFE                            ; i8042: pulse reset, the run ends
-    out 0x64, al
-%endif
-    hlt
-    jmp halt
+    HALT
 timeout:
     SEND TIMEOUT
     jmp halt

@@ -42,7 +42,7 @@ FEATURES equ (1 << 5)       ; MAC; VERSION_1 in the high word
 
 %include "report.inc"
 
-%include "virtqueue.inc"
+%include "virtio_mmio.inc"
 
 start:
     mov dx, REPORT

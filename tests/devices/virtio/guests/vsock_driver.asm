@@ -51,7 +51,7 @@ SPINS   equ 2000000         ; bounded waits: several seconds of emulated instruc
 
 %include "report.inc"
 
-%include "virtqueue.inc"
+%include "virtio_mmio.inc"
 
 ; SETUPQ base, index, desc, avail, used: §4.2.3.2 queue setup (size QSIZE)
 %macro SETUPQ 5
@@ -158,13 +158,7 @@ start:
     jmp halt
 timeout:
     SEND TIMEOUT
-halt:
-%ifdef SERIAL
-    mov al, 0xFE                            ; i8042: pulse reset, the run ends
-    out 0x64, al
-%endif
-    hlt
-    jmp halt
+    HALT
 
 ; struct virtio_vsock_hdr: src_cid, dst_cid, src_port, dst_port, len, type, op, flags,
 ; buf_alloc, fwd_cnt (§5.10.6); src_cid is filled in from the config above.
