@@ -147,10 +147,14 @@ def test_parse_common_agrees_with_the_general_parser(
 ) -> None:
     """The fast path never admits what frame + parse would not, and when it answers, it
     answers exactly what they would."""
-    ram = bytearray(0x100)
-    struct.pack_into("<IIQ", ram, 0x10, rtype, 0, sector)
-    shapes = [D(0x10, lens[0], writable[0]), D(0x1000, lens[1], writable[1]),
-              D(0x80000, lens[2], writable[2])] + [D(0x90000, 512, True)] * extra
+    # Every descriptor lies inside RAM (the chain walker checked it), and whichever one
+    # comes first after sorting holds the header.
+    ram = bytearray(0x90000 + 512)
+    starts = (0x10, 0x1000, 0x80000)
+    for start in starts:
+        struct.pack_into("<IIQ", ram, start, rtype, 0, sector)
+    shapes = [D(start, n, w) for start, n, w in zip(starts, lens, writable, strict=True)]
+    shapes += [D(0x90000, 512, True)] * extra
     descs = sorted(shapes, key=lambda d: d.writable)  # as the chain walker guarantees
     limits = _RO_LIMITS if readonly else LIMITS
     fast = parse_common(descs, ram, limits)
@@ -158,7 +162,8 @@ def test_parse_common_agrees_with_the_general_parser(
         return
     f = frame(descs)
     assert isinstance(f, Framing)
-    general = parse(f, bytes(ram[0x10:0x20]), limits)
+    head = descs[0].offset
+    general = parse(f, bytes(ram[head:head + 16]), limits)
     assert fast == general
 
 
