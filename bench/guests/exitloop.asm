@@ -1,8 +1,8 @@
 ; exitloop.asm - a PVH guest that measures a VMM's exit round trip (bench/exits.py).
 ;
-; Assemble with `nasm -f elf32 -I guests/include/` (cmdline_tokens.inc, serial_out.inc),
-; link with `ld -m elf_i386 -T bench/guests/exitloop.ld` (loaded at 1 MiB, PVH note in a
-; PT_NOTE).
+; Assemble with `nasm -f elf32 -I guests/include/` (pvh_bare.inc, cmdline_tokens.inc,
+; serial_out.inc), link with `ld -m elf_i386 -T bench/guests/exitloop.ld` (loaded at
+; 1 MiB, PVH note in a PT_NOTE).
 ;
 ; Command line (hvm_start_info.cmdline_paddr), space-separated tokens, all optional:
 ;   mode=pio|mmio   pio: `in al, dx` from an unclaimed port; mmio: a 4-byte read from an
@@ -36,10 +36,8 @@
 
 bits 32
 
-XEN_ELFNOTE_PHYS32_ENTRY equ 18
-HVM_START_MAGIC          equ 0x336ec578
-SI_MAGIC                 equ 0
-SI_CMDLINE_PADDR         equ 24
+%include "pvh_bare.inc"
+
 
 
 DEFAULT_N    equ 20000
@@ -51,27 +49,11 @@ MODE_PIO    equ 0
 MODE_MMIO   equ 1
 
 ; ---------------------------------------------------------------------------
-section .note.Xen note alloc noexec nowrite align=4
-    dd 4                            ; namesz: "Xen\0"
-    dd 4                            ; descsz: one 32-bit address
-    dd XEN_ELFNOTE_PHYS32_ENTRY     ; type 18
-    db "Xen", 0
-    dd pvh_entry
+PVH_NOTE
 
 ; ---------------------------------------------------------------------------
 section .rodata
-align 8
-gdt:
-    dq 0
-    dq 0x00CF9A000000FFFF           ; 0x08: flat 32-bit code, ring 0
-    dq 0x00CF92000000FFFF           ; 0x10: flat 32-bit data, ring 0
-gdt_end:
-gdt_desc:
-    dw gdt_end - gdt - 1
-    dd gdt
-empty_idt_desc:
-    dw 0
-    dd 0
+FLAT_GDT
 
 key_mode:   db "mode=", 0
 key_n:      db "n=", 0
@@ -107,35 +89,14 @@ last:       resd 1
 section .text
 global pvh_entry
 pvh_entry:
-    cli
-    cld
-    lgdt [gdt_desc]
-    jmp 0x08:.cs_ok
-.cs_ok:
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov fs, ax
-    mov gs, ax
-    mov esp, stack_top
-    lidt [empty_idt_desc]           ; any fault from here on is a triple fault (a reset)
+    ENTER_FLAT
 
     mov dword [mode], MODE_PIO
     mov dword [count], DEFAULT_N
     mov dword [port], DEFAULT_PORT
     mov dword [addr], DEFAULT_ADDR
 
-    test ebx, ebx
-    jz .bad_magic
-    cmp dword [ebx + SI_MAGIC], HVM_START_MAGIC
-    jne .bad_magic
-    cmp dword [ebx + SI_CMDLINE_PADDR + 4], 0
-    jne .parsed                     ; above 4 GiB: unreachable with paging off
-    mov eax, [ebx + SI_CMDLINE_PADDR]
-    mov [cmdline], eax
-    test eax, eax
-    jz .parsed
+    READ_START_INFO
 
     ; mode=
     mov esi, key_mode
@@ -264,14 +225,7 @@ align 16
     call serial_newline
     ; fall through
 
-reset:
-    mov al, 0xFE                    ; i8042: pulse the reset line
-    out 0x64, al
-    lidt [empty_idt_desc]           ; no i8042 (QEMU microvm): triple fault
-    ud2
-.stuck:
-    hlt
-    jmp .stuck
+    RESET
 
 %include "cmdline_tokens.inc"
 %include "serial_out.inc"

@@ -1,9 +1,9 @@
 ; blk_bench.asm - a PVH guest that measures a VMM's virtio-blk (bench/blk.py) and, with a
 ; rate limit, shows the limit holding (tests/devices/virtio/test_blk_ratelimit.py).
 ;
-; `nasm -f elf32 -I guests/include/` (cmdline_tokens.inc, serial_out.inc), then
-; `ld -m elf_i386 -T blk_bench.ld` (loaded at 1 MiB, PVH note in a PT_NOTE). The same ELF runs under isovisor and QEMU microvm: it finds the
-; block device by scanning both VMMs' virtio-mmio windows for MagicValue 0x74726976,
+; `nasm -f elf32 -I guests/include/` (pvh_bare.inc, cmdline_tokens.inc, serial_out.inc),
+; then `ld -m elf_i386 -T blk_bench.ld` (loaded at 1 MiB, PVH note in a PT_NOTE). The
+; same ELF runs under isovisor and QEMU microvm: it finds the block device by scanning both VMMs' virtio-mmio windows for MagicValue 0x74726976,
 ; Version 2 and DeviceID 2: isovisor's at 0xD0000000 + n * 0x1000 (n < 8), QEMU microvm's
 ; at 0xFEB00000 + n * 0x200 (n < 32). Reads of unclaimed addresses return all-ones
 ; (isovisor) or zeros (QEMU): neither matches.
@@ -35,10 +35,8 @@
 
 bits 32
 
-XEN_ELFNOTE_PHYS32_ENTRY equ 18
-HVM_START_MAGIC          equ 0x336ec578
-SI_MAGIC                 equ 0
-SI_CMDLINE_PADDR         equ 24
+%include "pvh_bare.inc"
+
 
 CMDLINE_MAX equ 1024
 
@@ -74,27 +72,11 @@ SPURIOUS_VECTOR equ 0x31
 TICK_NS     equ 50000               ; KVM's APIC timer counts 1 ns per tick at divide 1
 
 ; ---------------------------------------------------------------------------
-section .note.Xen note alloc noexec nowrite align=4
-    dd 4
-    dd 4
-    dd XEN_ELFNOTE_PHYS32_ENTRY
-    db "Xen", 0
-    dd pvh_entry
+PVH_NOTE
 
 ; ---------------------------------------------------------------------------
 section .rodata
-align 8
-gdt:
-    dq 0
-    dq 0x00CF9A000000FFFF
-    dq 0x00CF92000000FFFF
-gdt_end:
-gdt_desc:
-    dw gdt_end - gdt - 1
-    dd gdt
-empty_idt_desc:
-    dw 0
-    dd 0
+FLAT_GDT
 idt_desc:                           ; vectors 0..0x31; only the two below are present:
     dw (SPURIOUS_VECTOR + 1) * 8 - 1 ; any exception is still a triple fault (a reset)
     dd idt
@@ -147,33 +129,12 @@ idt:        resq SPURIOUS_VECTOR + 1
 section .text
 global pvh_entry
 pvh_entry:
-    cli
-    cld
-    lgdt [gdt_desc]
-    jmp 0x08:.cs_ok
-.cs_ok:
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov fs, ax
-    mov gs, ax
-    mov esp, stack_top
-    lidt [empty_idt_desc]
+    ENTER_FLAT
 
     mov dword [rand_mode], 0
     mov dword [hlt_mode], 0
     mov dword [rounds], DEFAULT_ROUNDS
-    test ebx, ebx
-    jz .bad_magic
-    cmp dword [ebx + SI_MAGIC], HVM_START_MAGIC
-    jne .bad_magic
-    cmp dword [ebx + SI_CMDLINE_PADDR + 4], 0
-    jne .parsed
-    mov eax, [ebx + SI_CMDLINE_PADDR]
-    mov [cmdline], eax
-    test eax, eax
-    jz .parsed
+    READ_START_INFO
     mov esi, key_mode
     call find_key
     test esi, esi
@@ -329,14 +290,7 @@ align 16
     call serial_puts
     call serial_newline
 
-reset:
-    mov al, 0xFE
-    out 0x64, al
-    lidt [empty_idt_desc]
-    ud2
-.stuck:
-    hlt
-    jmp .stuck
+    RESET
 
 ; start_timer: IDT entries for the timer and spurious vectors, then the local APIC
 ; enabled with a periodic timer every TICK_NS. Interrupts stay off (IF = 0) except
