@@ -3,10 +3,11 @@
 ;
 ; `nasm -f elf32 -I guests/include/` (pvh_bare.inc, cmdline_tokens.inc, serial_out.inc),
 ; then `ld -m elf_i386 -T blk_bench.ld` (loaded at 1 MiB, PVH note in a PT_NOTE). The
-; same ELF runs under isovisor and QEMU microvm: it finds the block device by scanning both VMMs' virtio-mmio windows for MagicValue 0x74726976,
-; Version 2 and DeviceID 2: isovisor's at 0xD0000000 + n * 0x1000 (n < 8), QEMU microvm's
-; at 0xFEB00000 + n * 0x200 (n < 32). Reads of unclaimed addresses return all-ones
-; (isovisor) or zeros (QEMU): neither matches.
+; same ELF runs under isovisor and QEMU microvm: it finds the block device by scanning
+; both VMMs' virtio-mmio windows for MagicValue 0x74726976, Version 2 and DeviceID 2:
+; isovisor's at 0xD0000000 + n * 0x1000 (n < 8), QEMU microvm's at 0xFEB00000 + n * 0x200
+; (n < 32). Reads of unclaimed addresses return all-ones (isovisor) or zeros (QEMU):
+; neither matches.
 ;
 ; Command line (hvm_start_info.cmdline_paddr), space-separated, all optional:
 ;   mode=seq|rand   seq: 64 KiB reads walking the disk from sector 0 (wrapping);
