@@ -56,10 +56,13 @@ def argv(net: NetworkPlan, nics: list[NicPlan], run_dir: Path) -> list[str]:
 
 
 def _cmdline(pid: int) -> list[bytes]:
+    """The command line of `pid`: empty once it exited (a zombie's is empty too: waiting
+    for whoever reaps it, a slow init in a container, cost ~2 s per dnsmasq stop)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        data = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return []
+    return data.split(b"\0") if data else []
 
 
 def find(net: NetworkPlan, run_dir: Path) -> int | None:
