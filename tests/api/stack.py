@@ -107,6 +107,18 @@ class Stack:
         self.ids[name] = ident
         return ident
 
+    def cli_admin_config(self, directory: Path) -> Path:
+        """A Host Admin `cli-admin` for the `isovisor` CLI: its certificate and key issued
+        by `isovisor ca issue` into `directory`, and the client.toml that command writes."""
+        from isovisor.cli.main import main
+
+        config = directory / "client.toml"
+        assert main(["ca", "--dir", str(self.ca.directory), "issue", "cli-admin", "--out",
+                     str(directory), "--write-config", str(config), "--endpoint",
+                     self.url]) == 0
+        self.service.bootstrap_admin("cli-admin")
+        return config
+
     def client(self, ident: Identity | None) -> httpx.Client:
         ctx = client_context(self.ca.cert_path, ident.cert if ident else None,
                              ident.key if ident else None)

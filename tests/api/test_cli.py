@@ -20,11 +20,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def cli_config(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("cli")
-    assert main(["ca", "--dir", str(stack.ca.directory), "issue", "cli-admin", "--out", str(d),
-                 "--write-config", str(d / "client.toml"), "--endpoint", stack.url]) == 0
-    stack.service.bootstrap_admin("cli-admin")
-    return d / "client.toml"
+    return stack.cli_admin_config(tmp_path_factory.mktemp("cli"))
 
 
 def test_ca_init_issue_revoke_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -148,12 +148,7 @@ def test_disk_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
     stack = build_stack(tmp_path / "stack")
     try:
-        cfg = tmp_path / "cli"
-        assert main(["ca", "--dir", str(stack.ca.directory), "issue", "cli-admin", "--out",
-                     str(cfg), "--write-config", str(cfg / "client.toml"), "--endpoint",
-                     stack.url]) == 0
-        stack.service.bootstrap_admin("cli-admin")
-        monkeypatch.setenv("ISOVISOR_CONFIG", str(cfg / "client.toml"))
+        monkeypatch.setenv("ISOVISOR_CONFIG", str(stack.cli_admin_config(tmp_path / "cli")))
         stack.service.tenants.create("t")
         stack.service.images.put("t", "k", [b"\x7fELF"])
         capsys.readouterr()
