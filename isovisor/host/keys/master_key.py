@@ -32,27 +32,9 @@ class FileMasterKey:
         self.path = path
 
     def load(self) -> bytes:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
+        key = read_private_file(self.path, "master key", MASTER_KEY_BYTES + 1)
+        if key is None:
             return self._create()
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise MasterKeyError(f"master key {self.path} is a symlink") from None
-            raise MasterKeyError(f"master key {self.path}: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise MasterKeyError(f"master key {self.path} is not a regular file")
-            if st.st_mode & 0o077:
-                raise MasterKeyError(f"master key {self.path} has mode "
-                                     f"{stat.S_IMODE(st.st_mode):04o}; it must be 0600")
-            if st.st_uid != os.geteuid():
-                raise MasterKeyError(f"master key {self.path} is owned by uid {st.st_uid}, "
-                                     f"not the daemon's ({os.geteuid()})")
-            key = os.read(fd, MASTER_KEY_BYTES + 1)
-        finally:
-            os.close(fd)
         if len(key) != MASTER_KEY_BYTES:
             raise MasterKeyError(f"master key {self.path} holds {len(key)} bytes, "
                                  f"not {MASTER_KEY_BYTES}")
@@ -60,12 +42,45 @@ class FileMasterKey:
 
     def _create(self) -> bytes:
         key = os.urandom(MASTER_KEY_BYTES)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_private_file(self.path, key)
         return key
+
+
+def read_private_file(path: Path, what: str, limit: int) -> bytes | None:
+    """At most `limit` bytes of a root-only key file (a regular file, mode 0600, owned by
+    the daemon's user, no symlink followed); None when it does not exist. Errors name
+    `what`, the path and the fault."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MasterKeyError(f"{what} {path} is a symlink") from None
+        raise MasterKeyError(f"{what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MasterKeyError(f"{what} {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise MasterKeyError(f"{what} {path} has mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}; it must be 0600")
+        if st.st_uid != os.geteuid():
+            raise MasterKeyError(f"{what} {path} is owned by uid {st.st_uid}, "
+                                 f"not the daemon's ({os.geteuid()})")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Create `path` (refused if it exists; no symlink followed) as a 0600 file holding
+    `data`, fsynced; its directory is made 0700 if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

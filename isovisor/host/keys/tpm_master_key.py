@@ -21,9 +21,7 @@ re-seal on every legitimate update; docs/SECURITY.md lists it as a next step.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +35,12 @@ from tpm2_pytss.types import (
     TPMS_SENSITIVE_CREATE,
 )
 
-from isovisor.host.keys.master_key import MASTER_KEY_BYTES, MasterKeyError
+from isovisor.host.keys.master_key import (
+    MASTER_KEY_BYTES,
+    MasterKeyError,
+    read_private_file,
+    write_private_file,
+)
 from isovisor.security.tpm import TpmAddress
 
 PARENT_TEMPLATE = "ecc256:aes128cfb"
@@ -99,33 +102,10 @@ class TpmSealedMasterKey:
                 private, public, *_ = esys.create(parent, sensitive, template)
             finally:
                 esys.flush_context(parent)
-        blob = private.marshal() + public.marshal()
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, blob)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_private_file(self.path, private.marshal() + public.marshal())
 
     def _read_blob(self) -> bytes | None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise MasterKeyError(f"sealed master key {self.path} is a symlink") from None
-            raise MasterKeyError(f"sealed master key {self.path}: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or st.st_uid != os.geteuid():
-                raise MasterKeyError(f"sealed master key {self.path} must be a regular file, "
-                                     "mode 0600, owned by the daemon's user")
-            return os.read(fd, MAX_BLOB_BYTES + 1)[:MAX_BLOB_BYTES + 1]
-        finally:
-            os.close(fd)
+        return read_private_file(self.path, "sealed master key", MAX_BLOB_BYTES + 1)
 
     @staticmethod
     def _parent(esys: ESAPI) -> ESYS_TR:
