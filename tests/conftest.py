@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 GUEST_BUILD = REPO / "guests" / "build"
 SHARED = REPO.parent / "shared"
 TEST_KERNEL = SHARED / "guest-kernels" / "vmlinux-virtio-6.1"
+# The test kernel's command line from guest-kernels/README.md: clearcpuid= hides what
+# this PVM host's ring 0 would otherwise see despite our CPUID masks (docs/STOCK_LINUX.md).
+TEST_KERNEL_CLEARCPUID = (
+    "xsave,avx,avx2,avx512f,popcnt,smap,smep,umip,pku,fsgsbase,rdpid,la57,bmi1,bmi2,movbe,"
+    "erms,fsrm,aes,pclmulqdq,sha_ni,adx,rdseed,rdrand,f16c,fma"
+)
+TEST_KERNEL_CMDLINE = (
+    f"console=ttyS0 root=/dev/vda rw ip=dhcp panic=-1 clearcpuid={TEST_KERNEL_CLEARCPUID}"
+)
 
 NO_KVM_REASON = (
     "LOUD SKIP: /dev/kvm is missing or unusable on this machine, so KVM tests cannot run "

@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 
 from isovisor.tools import guest_linux
-from tests.conftest import NO_KVM_REASON, REPO, kvm_usable
-from tests.guests.test_test_kernel import README_CLEARCPUID, expected_e820_lines
+from tests.conftest import NO_KVM_REASON, REPO, TEST_KERNEL_CLEARCPUID, kvm_usable
+from tests.guests.test_test_kernel import expected_e820_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.kvm]
 
 CMDLINE = (
     "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 nokaslr "
-    f"clearcpuid={README_CLEARCPUID}"
+    f"clearcpuid={TEST_KERNEL_CLEARCPUID}"
 )
 # Seconds from launch to "Memory:": measured 66 s on a lightly loaded host, 393-486 s with
 # the host overloaded (load average 8-10 on its 2 cores); see docs/STOCK_LINUX.md.

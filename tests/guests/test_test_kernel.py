@@ -21,15 +21,11 @@ from pathlib import Path
 import pytest
 
 from isovisor.memory.layout import EBDA_START, HIGH_MEMORY_START, MiB
-from tests.conftest import NO_KVM_REASON, REPO, TEST_KERNEL, kvm_usable
+from tests.conftest import NO_KVM_REASON, REPO, TEST_KERNEL, TEST_KERNEL_CMDLINE, kvm_usable
 
 pytestmark = [pytest.mark.kvm]
 
-README_CLEARCPUID = (
-    "xsave,avx,avx2,avx512f,popcnt,smap,smep,umip,pku,fsgsbase,rdpid,la57,bmi1,bmi2,movbe,"
-    "erms,fsrm,aes,pclmulqdq,sha_ni,adx,rdseed,rdrand,f16c,fma"
-)
-CMDLINE = f"console=ttyS0 root=/dev/vda rw ip=dhcp panic=-1 clearcpuid={README_CLEARCPUID}"
+CMDLINE = TEST_KERNEL_CMDLINE  # guest-kernels/README.md
 MEMORY = 256 * MiB
 # isovisor's own limit. A boot takes about 3 minutes here on a quiet host (two in
 # parallel: about 4), but over 13 minutes when the host's 2 cores are shared by ten busy

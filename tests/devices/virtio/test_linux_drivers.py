@@ -41,17 +41,12 @@ import pytest
 from isovisor.host.network.addressing import NetworkPlan, NicPlan
 from isovisor.host.network.dhcp import LOG_FILE
 from isovisor.host.network.plumbing import NetworkPlumbing
-from tests.conftest import NO_KVM_REASON, REPO, TEST_KERNEL, kvm_usable
+from tests.conftest import NO_KVM_REASON, REPO, TEST_KERNEL, TEST_KERNEL_CMDLINE, kvm_usable
 from tests.devices.virtio.netns import NetNs, namespaces_left
 
 pytestmark = [pytest.mark.kvm, pytest.mark.qemu]
 
-README_CLEARCPUID = (
-    "xsave,avx,avx2,avx512f,popcnt,smap,smep,umip,pku,fsgsbase,rdpid,la57,bmi1,bmi2,movbe,"
-    "erms,fsrm,aes,pclmulqdq,sha_ni,adx,rdseed,rdrand,f16c,fma"
-)
-# The command line of guest-kernels/README.md.
-CMDLINE = f"console=ttyS0 root=/dev/vda rw ip=dhcp panic=-1 clearcpuid={README_CLEARCPUID}"
+CMDLINE = TEST_KERNEL_CMDLINE  # guest-kernels/README.md
 TAP = "isvtap0"
 SERVER = "10.201.0.1"
 FIRST, LAST = "10.201.0.10", "10.201.0.50"
